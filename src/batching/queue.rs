@@ -1,0 +1,230 @@
+//! The batch-forming state machine: which waiting inputs go into the next forward pass, and when.
+//!
+//! A plain struct with pure methods; time is passed in, so tests drive it step by step. The async
+//! loop around it lives in `worker.rs`.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::repository::BatchPolicy;
+
+/// Padded tokens may exceed real tokens by at most this factor when grouping inputs of different
+/// lengths; past it an input waits for a batch of its own length instead of making the others
+/// pay for its padding.
+const MAX_PADDED_TO_REAL: f64 = 1.25;
+
+/// One waiting input.
+#[derive(Debug)]
+pub struct Pending<T> {
+    pub item: T,
+    pub tokens: usize,
+    pub arrived: Instant,
+}
+
+/// Waiting inputs of one model, oldest first.
+#[derive(Debug)]
+pub struct BatchQueue<T> {
+    policy: BatchPolicy,
+    pending: VecDeque<Pending<T>>,
+    pending_tokens: usize,
+}
+
+impl<T> BatchQueue<T> {
+    pub fn new(policy: BatchPolicy) -> Self {
+        Self {
+            policy,
+            pending: VecDeque::new(),
+            pending_tokens: 0,
+        }
+    }
+
+    pub fn push(&mut self, item: T, tokens: usize, now: Instant) {
+        self.pending_tokens += tokens;
+        self.pending.push_back(Pending {
+            item,
+            tokens,
+            arrived: now,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Enough is waiting to fill a batch by count or by tokens: no reason to wait longer.
+    pub fn is_full(&self) -> bool {
+        self.pending.len() >= self.policy.max_batch_size
+            || self.pending_tokens >= self.policy.max_batch_tokens
+    }
+
+    /// When the oldest input has waited `max_queue_delay_ms`.
+    pub fn deadline(&self) -> Option<Instant> {
+        let delay = Duration::from_millis(self.policy.max_queue_delay_ms);
+        self.pending.front().map(|p| p.arrived + delay)
+    }
+
+    /// A batch should go now: it is full, or the oldest input has waited long enough.
+    pub fn should_flush(&self, now: Instant) -> bool {
+        self.is_full() || self.deadline().is_some_and(|d| now >= d)
+    }
+
+    /// Drops inputs nobody waits for any more; returns how many.
+    pub fn remove_where(&mut self, mut gone: impl FnMut(&T) -> bool) -> usize {
+        let before = self.pending.len();
+        self.pending.retain(|p| !gone(&p.item));
+        self.pending_tokens = self.pending.iter().map(|p| p.tokens).sum();
+        before - self.pending.len()
+    }
+
+    /// Takes the next batch. The oldest input always goes (nothing starves); the others join in
+    /// order of how close their length is to it, while the batch stays within `max_batch_size`,
+    /// within `max_batch_tokens` counted padded, and within [`MAX_PADDED_TO_REAL`].
+    pub fn take_batch(&mut self) -> Vec<Pending<T>> {
+        let Some(anchor) = self.pending.front() else {
+            return Vec::new();
+        };
+        let anchor_len = anchor.tokens;
+        let mut order: Vec<usize> = (1..self.pending.len()).collect();
+        // Stable: among equally close lengths the older input goes first.
+        order.sort_by_key(|&i| self.pending[i].tokens.abs_diff(anchor_len));
+
+        let mut chosen = vec![0];
+        let (mut longest, mut real) = (anchor_len, anchor_len);
+        for i in order {
+            if chosen.len() >= self.policy.max_batch_size {
+                break;
+            }
+            let tokens = self.pending[i].tokens;
+            let new_longest = longest.max(tokens);
+            let padded = new_longest * (chosen.len() + 1);
+            if padded > self.policy.max_batch_tokens
+                || padded as f64 > (real + tokens) as f64 * MAX_PADDED_TO_REAL
+            {
+                continue;
+            }
+            chosen.push(i);
+            longest = new_longest;
+            real += tokens;
+        }
+
+        chosen.sort_unstable();
+        let mut batch = Vec::with_capacity(chosen.len());
+        for &i in chosen.iter().rev() {
+            let p = self.pending.remove(i).expect("chosen index is in range");
+            self.pending_tokens -= p.tokens;
+            batch.push(p);
+        }
+        batch.reverse();
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(size: usize, tokens: usize, delay_ms: u64) -> BatchPolicy {
+        BatchPolicy {
+            max_batch_size: size,
+            max_batch_tokens: tokens,
+            max_queue_delay_ms: delay_ms,
+            queue_capacity: 1024,
+        }
+    }
+
+    fn items(batch: &[Pending<u32>]) -> Vec<u32> {
+        batch.iter().map(|p| p.item).collect()
+    }
+
+    #[test]
+    fn flushes_when_size_reached() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(3, 1000, 50));
+        q.push(1, 10, t0);
+        q.push(2, 10, t0);
+        assert!(!q.should_flush(t0));
+        q.push(3, 10, t0);
+        assert!(q.should_flush(t0));
+        assert_eq!(items(&q.take_batch()), vec![1, 2, 3]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn flushes_when_tokens_reached() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(32, 100, 50));
+        q.push(1, 60, t0);
+        assert!(!q.should_flush(t0));
+        q.push(2, 60, t0);
+        assert!(q.should_flush(t0));
+        // 2 × 60 padded tokens exceed 100: only the oldest goes.
+        assert_eq!(items(&q.take_batch()), vec![1]);
+        assert_eq!(items(&q.take_batch()), vec![2]);
+    }
+
+    #[test]
+    fn flushes_after_delay_from_first_arrival() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(32, 1000, 5));
+        q.push(1, 10, t0);
+        q.push(2, 10, t0 + Duration::from_millis(4));
+        assert_eq!(q.deadline(), Some(t0 + Duration::from_millis(5)));
+        assert!(!q.should_flush(t0 + Duration::from_millis(4)));
+        assert!(q.should_flush(t0 + Duration::from_millis(5)));
+        assert_eq!(items(&q.take_batch()), vec![1, 2]);
+        assert_eq!(q.deadline(), None);
+    }
+
+    #[test]
+    fn groups_by_length_and_oldest_always_goes() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(32, 10_000, 5));
+        for (item, tokens) in [(1, 12), (2, 200), (3, 11), (4, 190), (5, 12)] {
+            q.push(item, tokens, t0);
+        }
+        // The short ones go together; the long ones do not make them pay for padding.
+        assert_eq!(items(&q.take_batch()), vec![1, 3, 5]);
+        assert_eq!(items(&q.take_batch()), vec![2, 4]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn respects_max_batch_size_and_keeps_the_rest_in_order() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(2, 1000, 5));
+        for i in 1..=5 {
+            q.push(i, 10, t0);
+        }
+        assert_eq!(items(&q.take_batch()), vec![1, 2]);
+        assert_eq!(items(&q.take_batch()), vec![3, 4]);
+        assert_eq!(items(&q.take_batch()), vec![5]);
+    }
+
+    #[test]
+    fn an_input_longer_than_the_token_budget_still_runs_alone() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(8, 64, 5));
+        q.push(1, 300, t0);
+        q.push(2, 10, t0);
+        assert_eq!(items(&q.take_batch()), vec![1]);
+        assert_eq!(items(&q.take_batch()), vec![2]);
+    }
+
+    #[test]
+    fn removing_cancelled_inputs_updates_tokens() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(32, 100, 5));
+        q.push(1, 60, t0);
+        q.push(2, 60, t0);
+        assert!(q.is_full());
+        assert_eq!(q.remove_where(|&i| i == 1), 1);
+        assert!(!q.is_full());
+        assert_eq!(items(&q.take_batch()), vec![2]);
+    }
+}

@@ -1,0 +1,306 @@
+//! The model repository: `models/<name>/model.toml` → [`ModelSpec`].
+//!
+//! Like Triton's: one folder per model, named after the model, with a config beside the weights.
+//! Every error names the file and, where there is one, the key.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// What a model does; decides which engine loads it and which routes serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Embed,
+    Generate,
+    Tensor,
+}
+
+/// How the weights are stored on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A Hugging Face folder: config.json, model.safetensors, tokenizer.json.
+    Safetensors,
+    Gguf,
+    Onnx,
+}
+
+/// Where a model belongs: `edge` models are small enough for gateways; `cloud` ones are forwarded
+/// by edges to the cloud tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Edge,
+    #[default]
+    Cloud,
+}
+
+/// Dynamic batching knobs of one model. Defaults suit a 2-core CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchPolicy {
+    /// Most inputs in one forward pass.
+    pub max_batch_size: usize,
+    /// Most tokens in one forward pass, counted padded (batch items × longest item).
+    pub max_batch_tokens: usize,
+    /// How long the first input of a batch may wait for others to join.
+    pub max_queue_delay_ms: u64,
+    /// Most inputs waiting for this model; past it the server answers 503 at once.
+    pub queue_capacity: usize,
+}
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 32,
+            max_batch_tokens: 16384,
+            max_queue_delay_ms: 2,
+            queue_capacity: 1024,
+        }
+    }
+}
+
+/// Pooling of token states into one sentence vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    Mean,
+    Cls,
+}
+
+/// Optional overrides for embedding models; by default everything comes from the model's own
+/// sentence-transformers files (`1_Pooling/config.json`, `modules.json`,
+/// `sentence_bert_config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedOptions {
+    pub pooling: Option<Pooling>,
+    pub normalize: Option<bool>,
+    pub max_seq_length: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelToml {
+    task: Task,
+    format: Format,
+    path: PathBuf,
+    #[serde(default)]
+    tier: Tier,
+    #[serde(default)]
+    batching: BatchPolicy,
+    #[serde(default)]
+    embed: EmbedOptions,
+}
+
+/// One model of the repository, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// The folder's name.
+    pub name: String,
+    pub task: Task,
+    pub format: Format,
+    /// Weights, absolute or relative to the working directory (resolved against the folder).
+    pub path: PathBuf,
+    pub tier: Tier,
+    pub batching: BatchPolicy,
+    pub embed: EmbedOptions,
+    /// The `model.toml` this came from, for error messages.
+    pub config_file: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryError {
+    #[error("model repository {dir}: {source}")]
+    Unreadable {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("model repository {0} holds no model folders (each needs a model.toml)")]
+    Empty(PathBuf),
+    #[error("{file}: {message}")]
+    Invalid { file: PathBuf, message: String },
+}
+
+impl RepositoryError {
+    fn invalid(file: &Path, message: impl fmt::Display) -> Self {
+        Self::Invalid {
+            file: file.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Reads every `*/model.toml` below `dir`, sorted by model name. Folders without a `model.toml`
+/// are skipped (they may hold shared files), but a repository with no model at all is an error.
+pub fn scan(dir: &Path) -> Result<Vec<ModelSpec>, RepositoryError> {
+    let unreadable = |source| RepositoryError::Unreadable {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let mut folders = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).map_err(unreadable)? {
+        let entry = entry.map_err(unreadable)?;
+        if entry.path().join("model.toml").is_file() {
+            folders.insert(entry.path());
+        }
+    }
+    if folders.is_empty() {
+        return Err(RepositoryError::Empty(dir.to_path_buf()));
+    }
+    folders.iter().map(|folder| load_spec(folder)).collect()
+}
+
+/// Parses and validates `folder/model.toml`.
+pub fn load_spec(folder: &Path) -> Result<ModelSpec, RepositoryError> {
+    let file = folder.join("model.toml");
+    let text = std::fs::read_to_string(&file).map_err(|e| RepositoryError::invalid(&file, e))?;
+    let name = folder
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| RepositoryError::invalid(&file, "the folder name is not valid UTF-8"))?
+        .to_string();
+    parse_spec(&name, folder, &file, &text)
+}
+
+fn parse_spec(
+    name: &str,
+    folder: &Path,
+    file: &Path,
+    text: &str,
+) -> Result<ModelSpec, RepositoryError> {
+    if !valid_model_name(name) {
+        return Err(RepositoryError::invalid(
+            file,
+            format!("model name {name:?} (the folder name) may hold only letters, digits, '.', '-' and '_'"),
+        ));
+    }
+    // toml's message names the key and shows the offending line.
+    let raw: ModelToml =
+        toml::from_str(text).map_err(|e| RepositoryError::invalid(file, e.to_string().trim()))?;
+    let spec = ModelSpec {
+        name: name.to_string(),
+        task: raw.task,
+        format: raw.format,
+        path: folder.join(&raw.path),
+        tier: raw.tier,
+        batching: raw.batching,
+        embed: raw.embed,
+        config_file: file.to_path_buf(),
+    };
+    validate(&spec).map_err(|message| RepositoryError::invalid(file, message))?;
+    Ok(spec)
+}
+
+fn valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+fn validate(spec: &ModelSpec) -> Result<(), String> {
+    let b = &spec.batching;
+    let positive = [
+        ("batching.max_batch_size", b.max_batch_size as u64),
+        ("batching.max_batch_tokens", b.max_batch_tokens as u64),
+        ("batching.queue_capacity", b.queue_capacity as u64),
+    ];
+    for (key, value) in positive {
+        if value == 0 {
+            return Err(format!("key `{key}` must be at least 1"));
+        }
+    }
+    if b.max_queue_delay_ms > 60_000 {
+        return Err(format!(
+            "key `batching.max_queue_delay_ms` is {} ms; at most 60000 is allowed",
+            b.max_queue_delay_ms
+        ));
+    }
+    if b.queue_capacity < b.max_batch_size {
+        return Err(format!(
+            "key `batching.queue_capacity` ({}) must be at least `batching.max_batch_size` ({})",
+            b.queue_capacity, b.max_batch_size
+        ));
+    }
+    if spec.embed.max_seq_length == Some(0) {
+        return Err("key `embed.max_seq_length` must be at least 1".into());
+    }
+    match (spec.task, spec.format) {
+        (Task::Embed, Format::Safetensors) => Ok(()),
+        (Task::Embed, other) => Err(format!(
+            "key `format`: task \"embed\" needs format \"safetensors\", not {other:?}"
+        )
+        .to_lowercase()),
+        (task, _) => Err(format!(
+            "key `task`: {task:?} models are not supported by this build yet; supported: \"embed\""
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ModelSpec, String> {
+        parse_spec("m", Path::new("/repo/m"), Path::new("/repo/m/model.toml"), text)
+            .map_err(|e| e.to_string())
+    }
+
+    const MINIMAL: &str = "task = \"embed\"\nformat = \"safetensors\"\npath = \"weights\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let spec = parse(MINIMAL).unwrap();
+        assert_eq!(spec.path, PathBuf::from("/repo/m/weights"));
+        assert_eq!(spec.tier, Tier::Cloud);
+        assert_eq!(spec.batching, BatchPolicy::default());
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let err = parse(&format!("{MINIMAL}colour = \"red\"\n")).unwrap_err();
+        assert!(err.contains("/repo/m/model.toml"), "{err}");
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn unknown_batching_key_names_key() {
+        let err = parse(&format!("{MINIMAL}[batching]\nmax_batch_sise = 3\n")).unwrap_err();
+        assert!(err.contains("max_batch_sise"), "{err}");
+        assert!(err.contains("line 5"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = parse(&format!("{MINIMAL}[batching]\nmax_batch_size = 0\n")).unwrap_err();
+        assert!(err.contains("batching.max_batch_size"), "{err}");
+        let err = parse(&format!("{MINIMAL}[batching]\nmax_batch_size = -3\n")).unwrap_err();
+        assert!(err.contains("max_batch_size = -3"), "{err}");
+        let err = parse("task = \"dance\"\nformat = \"safetensors\"\npath = \"w\"\n").unwrap_err();
+        assert!(err.contains("task = \"dance\""), "{err}");
+        let err = parse(&format!("{MINIMAL}[batching]\nqueue_capacity = 4\n")).unwrap_err();
+        assert!(err.contains("batching.queue_capacity"), "{err}");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let err = parse("task = \"embed\"\nformat = \"safetensors\"\n").unwrap_err();
+        assert!(err.contains("path"), "{err}");
+    }
+
+    #[test]
+    fn model_name_is_checked() {
+        let err = parse_spec(
+            "bad name",
+            Path::new("/r/bad name"),
+            Path::new("/r/bad name/model.toml"),
+            MINIMAL,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("folder name"), "{err}");
+    }
+}
