@@ -6,5 +6,9 @@
 //! describing what to load and how.
 
 pub mod batching;
+pub mod config;
+pub mod engine;
 pub mod metrics;
+pub mod registry;
 pub mod repository;
+pub mod server;

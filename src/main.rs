@@ -1,1 +1,88 @@
-fn main() {}
+//! The `ember` binary: parses the command line and runs a tier.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use ember::config::{Cli, Command, LogFormat, ServeArgs};
+use ember::metrics::Metrics;
+use ember::registry::{self, ModelRegistry};
+use ember::server::{self, AppState, Health};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging(args.log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("ember: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(serve(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let specs = ember::repository::scan(&args.models)?;
+    let device = args.device.open()?;
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.addr))?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts read the bound port from this line (logs go to stderr).
+    println!("ember: listening on http://{addr}");
+    std::io::stdout().flush()?;
+    tracing::info!(%addr, device = %args.device, models = specs.len(), "listening; loading models");
+
+    let state = AppState {
+        registry: Arc::new(ModelRegistry::default()),
+        metrics: Arc::new(Metrics::new()),
+        health: Arc::new(Health::default()),
+    };
+    let server = tokio::spawn(server::serve(
+        listener,
+        state.clone(),
+        server::shutdown_signal(),
+        args.shutdown_grace(),
+    ));
+
+    for spec in specs {
+        let name = spec.name.clone();
+        let model = registry::load(spec, device.clone(), &state.metrics)
+            .await
+            .map_err(|e| anyhow::anyhow!("model {name}: {e}"))?;
+        state.registry.insert(model);
+    }
+    state.health.set_loaded();
+    state.metrics.ready.set(i64::from(state.health.is_ready()));
+    tracing::info!(startup_ms = started.elapsed().as_millis() as u64, "ready");
+
+    server.await??;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! The models this server has loaded, by name, and the request-level logic around each
+//! (tokenising, validating, queueing, gathering). No HTTP here: routes call these methods.
+
+pub mod embed;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+pub use embed::{EmbedInput, Embedding, EmbeddingModel};
+
+use crate::batching::BatchError;
+use crate::engine::EngineError;
+use crate::metrics::Metrics;
+use crate::repository::{ModelSpec, Task};
+
+/// A loaded model of one of the supported families.
+pub enum LoadedModel {
+    Embed(EmbeddingModel),
+}
+
+impl LoadedModel {
+    pub fn spec(&self) -> &ModelSpec {
+        match self {
+            Self::Embed(m) => m.spec(),
+        }
+    }
+}
+
+/// Why a request to a model failed, in domain terms; the server maps each to a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{message}")]
+    InvalidInput {
+        /// Which input (by position), where one is to blame.
+        index: Option<usize>,
+        message: String,
+    },
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Every model the server knows, by name.
+#[derive(Default)]
+pub struct ModelRegistry {
+    models: RwLock<BTreeMap<String, Arc<LoadedModel>>>,
+}
+
+impl ModelRegistry {
+    pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
+        self.models.read().expect("registry lock").get(name).cloned()
+    }
+
+    /// Loaded models, sorted by name.
+    pub fn list(&self) -> Vec<Arc<LoadedModel>> {
+        self.models.read().expect("registry lock").values().cloned().collect()
+    }
+
+    pub fn insert(&self, model: LoadedModel) {
+        let name = model.spec().name.clone();
+        self.models
+            .write()
+            .expect("registry lock")
+            .insert(name, Arc::new(model));
+    }
+}
+
+/// Loads one model: weights on a blocking thread, then its batcher on the current runtime.
+/// Logs and records the load time and parameter count.
+pub async fn load(
+    spec: ModelSpec,
+    device: candle_core::Device,
+    metrics: &Metrics,
+) -> Result<LoadedModel, EngineError> {
+    let started = Instant::now();
+    let model = match spec.task {
+        Task::Embed => {
+            let batcher_metrics = metrics.batcher(&spec.name);
+            let (embedder, tokenizer, spec) = tokio::task::spawn_blocking(move || {
+                crate::engine::embed::load(&spec.path, &spec.embed, &device)
+                    .map(|(e, t)| (e, t, spec))
+            })
+            .await
+            .map_err(|e| EngineError::Device(format!("model loading thread failed: {e}")))??;
+            LoadedModel::Embed(EmbeddingModel::start(spec, embedder, tokenizer, batcher_metrics)?)
+        }
+        Task::Generate | Task::Tensor => {
+            return Err(EngineError::file(
+                &spec.config_file,
+                format!("task {:?} is not supported by this build", spec.task),
+            ))
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let (name, parameters) = match &model {
+        LoadedModel::Embed(m) => (&m.spec().name, m.info().parameters),
+    };
+    metrics
+        .model_load_seconds
+        .with_label_values(&[name])
+        .set(seconds);
+    metrics
+        .model_parameters
+        .with_label_values(&[name])
+        .set(parameters as i64);
+    tracing::info!(model = %name, parameters, load_ms = (seconds * 1000.0).round(), "model loaded");
+    Ok(model)
+}

@@ -1,0 +1,196 @@
+//! The one place where errors become HTTP: a status and code per domain error, rendered in the
+//! API's own shape (OpenAI under `/v1`, KServe v2 under `/v2`).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::batching::BatchError;
+use crate::registry::ModelError;
+
+/// Seconds a client should wait before retrying an overloaded or draining server.
+const RETRY_AFTER_SECONDS: u32 = 1;
+
+/// An error with its HTTP meaning, before it is rendered in an API's shape.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// A stable, machine-readable code (`model_not_found`, `queue_full`, …).
+    pub code: &'static str,
+    pub message: String,
+    /// The request field at fault, where there is one.
+    pub param: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    pub fn unprocessable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", message)
+    }
+
+    pub fn model_not_found(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model {name:?} does not exist; GET /v1/models lists the models served here"),
+        )
+        .with_param("model")
+    }
+
+    pub fn draining() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down; retry on another replica",
+        )
+    }
+
+    pub fn route_not_found(path: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}"))
+    }
+
+    fn retry_after(&self) -> bool {
+        self.status == StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+impl From<BatchError> for ApiError {
+    fn from(e: BatchError) -> Self {
+        let status = match e {
+            BatchError::QueueFull { .. } | BatchError::Stopped(_) => StatusCode::SERVICE_UNAVAILABLE,
+            BatchError::TooManyInputs { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BatchError::Engine { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let code = match e {
+            BatchError::QueueFull { .. } => "queue_full",
+            BatchError::Stopped(_) => "shutting_down",
+            BatchError::TooManyInputs { .. } => "too_many_inputs",
+            BatchError::Engine { .. } => "inference_failed",
+        };
+        Self::new(status, code, e.to_string())
+    }
+}
+
+impl From<ModelError> for ApiError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::InvalidInput { message, .. } => {
+                Self::bad_request(message).with_param("input")
+            }
+            ModelError::Batch(b) => b.into(),
+            ModelError::Internal(message) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
+            }
+        }
+    }
+}
+
+/// An [`ApiError`] in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
+pub struct OpenAiError(pub ApiError);
+
+/// An [`ApiError`] in KServe v2's shape: `{"error": "..."}`.
+#[derive(Debug)]
+pub struct KServeError(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for OpenAiError {
+    fn from(e: E) -> Self {
+        Self(e.into())
+    }
+}
+
+impl<E: Into<ApiError>> From<E> for KServeError {
+    fn from(e: E) -> Self {
+        Self(e.into())
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let kind = match e.status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 if e.code == "model_not_found" => "invalid_request_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
+        };
+        let body = json!({"error": {
+            "message": e.message, "type": kind, "param": e.param, "code": e.code,
+        }});
+        finish(&e, Json(body).into_response())
+    }
+}
+
+impl IntoResponse for KServeError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": self.0.message });
+        finish(&self.0, Json(body).into_response())
+    }
+}
+
+fn finish(e: &ApiError, mut response: Response) -> Response {
+    *response.status_mut() = e.status;
+    if e.retry_after() {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+    }
+    if e.status.is_server_error() {
+        tracing::warn!(status = e.status.as_u16(), code = e.code, message = %e.message, "request failed");
+    }
+    response
+}
+
+/// Renders an error in the shape that the path's API uses.
+pub fn for_path(path: &str, e: ApiError) -> Response {
+    if path.starts_with("/v2") {
+        KServeError(e).into_response()
+    } else {
+        OpenAiError(e).into_response()
+    }
+}
+
+/// Parses a JSON body: broken JSON is 400, JSON of the wrong shape 422, each saying where.
+pub fn parse_json<T: serde::de::DeserializeOwned>(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|r| {
+        let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "invalid_body"
+        };
+        ApiError::new(r.status(), code, r.body_text())
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => ApiError::unprocessable(format!("invalid request body: {e}")),
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::bad_request(format!("malformed JSON: {e}"))
+            }
+        }
+    })
+}

@@ -1,0 +1,161 @@
+//! The HTTP layer: axum router, shared state, cross-cutting layers and the serve loop with
+//! graceful shutdown. Routes live in [`routes`]; errors become responses in [`error`].
+
+pub mod error;
+pub mod routes;
+
+use std::future::{Future, IntoFuture};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+use crate::registry::ModelRegistry;
+
+/// Whether the server should get traffic: models loaded and not draining.
+#[derive(Default)]
+pub struct Health {
+    loaded: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Health {
+    pub fn set_loaded(&self) {
+        self.loaded.store(true, Ordering::SeqCst);
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst) && !self.is_draining()
+    }
+}
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<ModelRegistry>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+/// The model a response was for, set by handlers so the metrics layer can label it. Only names
+/// of served models are set, so the label stays bounded.
+#[derive(Clone)]
+pub struct ModelLabel(pub String);
+
+pub fn router(state: AppState) -> Router {
+    routes::router()
+        .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_while_draining))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), record_metrics))
+        .with_state(state)
+}
+
+/// During the drain, inference is refused at once; probes and metrics still answer.
+async fn refuse_while_draining(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let is_inference = path.starts_with("/v1/") && req.method() == axum::http::Method::POST
+        || path.ends_with("/infer");
+    if is_inference && state.health.is_draining() {
+        return error::for_path(path, error::ApiError::draining());
+    }
+    next.run(req).await
+}
+
+async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let response = next.run(req).await;
+    let model = response
+        .extensions()
+        .get::<ModelLabel>()
+        .map(|m| m.0.as_str())
+        .unwrap_or("");
+    let status = response.status().as_u16().to_string();
+    state
+        .metrics
+        .requests_total
+        .with_label_values(&[model, &route, &status])
+        .inc();
+    state
+        .metrics
+        .request_duration_seconds
+        .with_label_values(&[model, &route])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains: readiness goes false, new
+/// inference is refused, in-flight requests get up to `grace` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let app = router(state.clone());
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let health = state.health.clone();
+    let metrics = state.metrics.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: draining in-flight requests");
+        health.start_draining();
+        metrics.ready.set(0);
+        let _ = drain_tx.send(true);
+    });
+    let mut drained = drain_rx.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = drained.wait_for(|d| *d).await;
+    });
+    let mut started_drain = drain_rx;
+    let server = std::pin::pin!(server.into_future());
+    tokio::select! {
+        result = server => result,
+        _ = async {
+            let _ = started_drain.wait_for(|d| *d).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("grace period over; closing the connections still open");
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,272 @@
+//! OpenAI-compatible routes: `POST /v1/embeddings`, `GET /v1/models`.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{as_embedder, embedding_model, Labeled};
+use crate::registry::{EmbedInput, LoadedModel};
+use crate::server::error::{parse_json, ApiError, OpenAiError};
+use crate::server::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+}
+
+#[derive(Deserialize)]
+struct EmbeddingsRequest {
+    model: String,
+    input: Value,
+    #[serde(default)]
+    encoding_format: EncodingFormat,
+    dimensions: Option<u64>,
+    /// Accepted for compatibility; never logged or used as a label.
+    #[serde(default, rename = "user")]
+    _user: Option<String>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum EncodingFormat {
+    #[default]
+    Float,
+    Base64,
+}
+
+#[derive(Serialize)]
+struct EmbeddingsResponse {
+    object: &'static str,
+    data: Vec<EmbeddingObject>,
+    model: String,
+    usage: Usage,
+}
+
+#[derive(Serialize)]
+struct EmbeddingObject {
+    object: &'static str,
+    index: usize,
+    embedding: Value,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+    /// How many inputs were cut at the model's `max_seq_length` (an Ember extension).
+    truncated_inputs: usize,
+}
+
+async fn embeddings(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Labeled<Result<Json<EmbeddingsResponse>, OpenAiError>> {
+    let mut label = None;
+    let result = embed(&state, body, &mut label).await;
+    Labeled(label, result.map(Json).map_err(OpenAiError))
+}
+
+async fn embed(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    label: &mut Option<String>,
+) -> Result<EmbeddingsResponse, ApiError> {
+    let req: EmbeddingsRequest = parse_json(body)?;
+    let model = embedding_model(state, &req.model)?;
+    *label = Some(req.model.clone());
+    let embedder = as_embedder(&model);
+    let dims = embedder.info().dimensions;
+    if let Some(d) = req.dimensions {
+        if d != dims as u64 {
+            return Err(ApiError::bad_request(format!(
+                "model {} makes {dims}-dimensional embeddings and cannot shorten them; \
+                 omit `dimensions` or set it to {dims}",
+                req.model
+            ))
+            .with_param("dimensions"));
+        }
+    }
+    let inputs = parse_input(req.input)?;
+    let results = embedder.embed(inputs).await?;
+    let prompt_tokens = results.iter().map(|r| r.tokens).sum();
+    let truncated_inputs = results.iter().filter(|r| r.truncated).count();
+    let data = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| EmbeddingObject {
+            object: "embedding",
+            index,
+            embedding: match req.encoding_format {
+                EncodingFormat::Float => Value::from(r.vector),
+                EncodingFormat::Base64 => Value::from(base64_f32(&r.vector)),
+            },
+        })
+        .collect();
+    Ok(EmbeddingsResponse {
+        object: "list",
+        data,
+        model: req.model,
+        usage: Usage {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+            truncated_inputs,
+        },
+    })
+}
+
+/// OpenAI's base64 format: the little-endian bytes of the f32 values.
+fn base64_f32(vector: &[f32]) -> String {
+    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// `input` may be a string, an array of strings, an array of token ids, or an array of arrays
+/// of token ids.
+fn parse_input(input: Value) -> Result<Vec<EmbedInput>, ApiError> {
+    const SHAPES: &str = "`input` must be a string, an array of strings, an array of token ids, \
+                          or an array of arrays of token ids";
+    let invalid = |what: String| ApiError::bad_request(what).with_param("input");
+    let token = |v: &Value, at: String| -> Result<u32, ApiError> {
+        v.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| invalid(format!("{at} is {v}; token ids are integers from 0 to 4294967295")))
+    };
+    match input {
+        Value::String(s) => Ok(vec![EmbedInput::Text(s)]),
+        Value::Array(items) if items.is_empty() => {
+            Err(invalid("`input` is an empty list; send at least one input".into()))
+        }
+        Value::Array(items) => match &items[0] {
+            Value::String(_) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(EmbedInput::Text(s)),
+                    other => Err(invalid(format!(
+                        "input[{i}] is {}; an array of strings must hold only strings",
+                        kind(&other)
+                    ))),
+                })
+                .collect(),
+            Value::Number(_) => {
+                let ids = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| token(v, format!("input[{i}]")))
+                    .collect::<Result<_, _>>()?;
+                Ok(vec![EmbedInput::Tokens(ids)])
+            }
+            Value::Array(_) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::Array(ids) => ids
+                        .iter()
+                        .enumerate()
+                        .map(|(j, id)| token(id, format!("input[{i}][{j}]")))
+                        .collect::<Result<_, _>>()
+                        .map(EmbedInput::Tokens),
+                    other => Err(invalid(format!(
+                        "input[{i}] is {}; an array of token-id arrays must hold only arrays",
+                        kind(other)
+                    ))),
+                })
+                .collect(),
+            other => Err(invalid(format!("input[0] is {}; {SHAPES}", kind(other)))),
+        },
+        other => Err(invalid(format!("`input` is {}; {SHAPES}", kind(&other)))),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[derive(Serialize)]
+struct ModelList {
+    object: &'static str,
+    data: Vec<ModelObject>,
+}
+
+#[derive(Serialize)]
+struct ModelObject {
+    id: String,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+    /// Ember extensions: what the model does and which tier it belongs to.
+    task: &'static str,
+    tier: &'static str,
+}
+
+async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    let data = state
+        .registry
+        .list()
+        .iter()
+        .map(|m| {
+            let spec = m.spec();
+            ModelObject {
+                id: spec.name.clone(),
+                object: "model",
+                created: 0,
+                owned_by: "ember",
+                task: match &**m {
+                    LoadedModel::Embed(_) => "embed",
+                },
+                tier: match spec.tier {
+                    crate::repository::Tier::Edge => "edge",
+                    crate::repository::Tier::Cloud => "cloud",
+                },
+            }
+        })
+        .collect();
+    Json(ModelList {
+        object: "list",
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn input_shapes() {
+        assert_eq!(parse_input(json!("a")).unwrap(), vec![EmbedInput::Text("a".into())]);
+        assert_eq!(parse_input(json!(["a", "b"])).unwrap().len(), 2);
+        assert_eq!(
+            parse_input(json!([101, 102])).unwrap(),
+            vec![EmbedInput::Tokens(vec![101, 102])]
+        );
+        assert_eq!(
+            parse_input(json!([[101, 102], [101, 7, 102]])).unwrap(),
+            vec![EmbedInput::Tokens(vec![101, 102]), EmbedInput::Tokens(vec![101, 7, 102])]
+        );
+    }
+
+    #[test]
+    fn bad_inputs_say_where() {
+        let msg = |v: Value| parse_input(v).unwrap_err().message;
+        assert!(msg(json!([])).contains("empty"));
+        assert!(msg(json!(["a", 1])).contains("input[1] is a number"));
+        assert!(msg(json!([1, -2])).contains("input[1] is -2"));
+        assert!(msg(json!([[1], "x"])).contains("input[1] is a string"));
+        assert!(msg(json!({"text": "a"})).contains("`input` is an object"));
+        assert!(msg(json!([1.5])).contains("input[0] is 1.5"));
+    }
+}
