@@ -10,10 +10,12 @@ use tokio::time::Instant;
 
 use crate::repository::BatchPolicy;
 
-/// Padded tokens may exceed real tokens by at most this factor when grouping inputs of different
-/// lengths; past it an input waits for a batch of its own length instead of making the others
-/// pay for its padding.
-const MAX_PADDED_TO_REAL: f64 = 1.25;
+/// Padding a batch may carry when inputs of different lengths share it: a quarter of its real
+/// tokens, or a few tokens per input (short inputs cost less in padding than in a batch of
+/// their own). Past that an input waits for a batch of its own length instead of making the
+/// others pay for its padding.
+const MAX_PADDING_FRACTION: f64 = 0.25;
+const PADDING_TOKENS_PER_INPUT: usize = 8;
 
 /// One waiting input.
 #[derive(Debug)]
@@ -84,7 +86,7 @@ impl<T> BatchQueue<T> {
 
     /// Takes the next batch. The oldest input always goes (nothing starves); the others join in
     /// order of how close their length is to it, while the batch stays within `max_batch_size`,
-    /// within `max_batch_tokens` counted padded, and within [`MAX_PADDED_TO_REAL`].
+    /// within `max_batch_tokens` counted padded, and within the padding allowance above.
     pub fn take_batch(&mut self) -> Vec<Pending<T>> {
         let Some(anchor) = self.pending.front() else {
             return Vec::new();
@@ -103,9 +105,10 @@ impl<T> BatchQueue<T> {
             let tokens = self.pending[i].tokens;
             let new_longest = longest.max(tokens);
             let padded = new_longest * (chosen.len() + 1);
-            if padded > self.policy.max_batch_tokens
-                || padded as f64 > (real + tokens) as f64 * MAX_PADDED_TO_REAL
-            {
+            let waste = padded - (real + tokens);
+            let allowed = ((real + tokens) as f64 * MAX_PADDING_FRACTION) as usize;
+            let allowed = allowed.max(PADDING_TOKENS_PER_INPUT * (chosen.len() + 1));
+            if padded > self.policy.max_batch_tokens || waste > allowed {
                 continue;
             }
             chosen.push(i);
@@ -185,12 +188,13 @@ mod tests {
     fn groups_by_length_and_oldest_always_goes() {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(policy(32, 10_000, 5));
-        for (item, tokens) in [(1, 12), (2, 200), (3, 11), (4, 190), (5, 12)] {
+        for (item, tokens) in [(1, 12), (2, 200), (3, 11), (4, 190), (5, 60), (6, 3)] {
             q.push(item, tokens, t0);
         }
         // The short ones go together; the long ones do not make them pay for padding.
-        assert_eq!(items(&q.take_batch()), vec![1, 3, 5]);
+        assert_eq!(items(&q.take_batch()), vec![1, 3, 6]);
         assert_eq!(items(&q.take_batch()), vec![2, 4]);
+        assert_eq!(items(&q.take_batch()), vec![5]);
         assert!(q.is_empty());
     }
 

@@ -131,7 +131,8 @@ fn base64_f32(vector: &[f32]) -> String {
 fn parse_input(input: Value) -> Result<Vec<EmbedInput>, ApiError> {
     const SHAPES: &str = "`input` must be a string, an array of strings, an array of token ids, \
                           or an array of arrays of token ids";
-    let invalid = |what: String| ApiError::bad_request(what).with_param("input");
+    // Wrong JSON types are valid JSON but unusable (422); an empty list is a bad request (400).
+    let invalid = |what: String| ApiError::unprocessable(what).with_param("input");
     let token = |v: &Value, at: String| -> Result<u32, ApiError> {
         v.as_u64()
             .and_then(|n| u32::try_from(n).ok())
@@ -140,7 +141,8 @@ fn parse_input(input: Value) -> Result<Vec<EmbedInput>, ApiError> {
     match input {
         Value::String(s) => Ok(vec![EmbedInput::Text(s)]),
         Value::Array(items) if items.is_empty() => {
-            Err(invalid("`input` is an empty list; send at least one input".into()))
+            Err(ApiError::bad_request("`input` is an empty list; send at least one input")
+                .with_param("input"))
         }
         Value::Array(items) => match &items[0] {
             Value::String(_) => items

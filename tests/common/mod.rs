@@ -1,0 +1,218 @@
+//! Test helpers shared by the integration tests: the real `ember` binary on 127.0.0.1:0 with the
+//! real models, reference fixtures, and small HTTP helpers.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const MINILM: &str = "all-MiniLM-L6-v2";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The real all-MiniLM-L6-v2 weights; fails loudly, saying what to run, when they are missing.
+pub fn minilm_weights() -> PathBuf {
+    let dir = repo_root().join("models").join(MINILM).join("weights");
+    assert!(
+        dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file(),
+        "the all-MiniLM-L6-v2 weights are missing from {}: run `models/fetch.sh` first \
+         (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+/// A throw-away model repository holding the demo encoder under `name` with this `[batching]`
+/// table (TOML lines), pointing at the real weights.
+pub fn repository_with(models: &[(&str, &str)]) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "ember-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    let weights = minilm_weights();
+    for (name, batching) in models {
+        let folder = dir.join(name);
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(
+            folder.join("model.toml"),
+            format!(
+                "task = \"embed\"\nformat = \"safetensors\"\npath = {:?}\ntier = \"edge\"\n[batching]\n{batching}\n",
+                weights.display().to_string()
+            ),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+/// A running `ember serve`, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Server {
+    /// Starts the real binary on a free loopback port and waits until it is ready.
+    pub async fn start(models: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .arg("serve")
+            .arg("--models")
+            .arg(models)
+            .args(["--addr", "127.0.0.1:0"])
+            .args(extra)
+            .env("EMBER_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the ember binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("ember: listening on ") {
+                    let _ = tx.send(url.to_string());
+                }
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("ember printed its address");
+        let server = Server {
+            child,
+            base,
+            client: reqwest::Client::new(),
+        };
+        server.wait_ready(Duration::from_secs(60)).await;
+        server
+    }
+
+    pub async fn start_default() -> Server {
+        minilm_weights();
+        Server::start(&repo_root().join("models"), &[]).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn wait_ready(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(r) = self.client.get(self.url("/health/ready")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "ember did not become ready in {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self.client.post(self.url(path)).json(&body).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap())
+    }
+
+    pub async fn post_raw(&self, path: &str, body: &'static str) -> (u16, serde_json::Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap())
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap())
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Sends SIGTERM to the server.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of one sample line of the Prometheus text format, e.g.
+/// `ember_batch_size_items_sum{model="m"}`.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+pub fn vector(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .expect("an array of numbers")
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// The reference embeddings (numpy BERT cross-checked with sentence-transformers; see the
+/// fixture's `source`).
+pub struct ReferenceCase {
+    pub text: String,
+    pub tokens: usize,
+    pub truncated: bool,
+    pub embedding: Vec<f32>,
+}
+
+pub fn reference_cases() -> Vec<ReferenceCase> {
+    let path = repo_root().join("tests/fixtures/minilm_embeddings.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ReferenceCase {
+            text: c["text"].as_str().unwrap().to_string(),
+            tokens: c["tokens"].as_u64().unwrap() as usize,
+            truncated: c["truncated"].as_bool().unwrap(),
+            embedding: vector(&c["embedding"]),
+        })
+        .collect()
+}
