@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use crate::engine::DeviceSpec;
 
 #[derive(Debug, Parser)]
-#[command(name = "ember", version, about = "Ember: serve AI models on the cloud tier and at the edge")]
+#[command(
+    name = "ember",
+    version,
+    about = "Ember: serve AI models on the cloud tier and at the edge"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -38,6 +42,11 @@ pub struct ServeArgs {
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before the server exits.
     #[arg(long, env = "EMBER_SHUTDOWN_GRACE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub shutdown_grace_secs: u64,
+
+    /// Threads candle uses for one op of one model instance; 0 = the cores divided by the
+    /// largest `batching.instances` of the repository.
+    #[arg(long, env = "EMBER_COMPUTE_THREADS", default_value_t = 0)]
+    pub compute_threads: usize,
 
     /// Log format on stderr.
     #[arg(long, env = "EMBER_LOG_FORMAT", value_enum, default_value = "text")]

@@ -12,12 +12,19 @@ use ember::registry::{self, ModelRegistry};
 use ember::server::{self, AppState, Health};
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
             init_logging(args.log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            set_compute_threads(&args);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("ember: cannot start the async runtime: {e}");
@@ -33,6 +40,27 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// candle splits each op over this many threads. Instances of a model already run side by side,
+/// so by default each gets an equal share of the cores; splitting a small op further costs more
+/// in synchronisation than it saves. Must run before any thread is started (it sets the
+/// environment, which candle reads).
+fn set_compute_threads(args: &ServeArgs) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match args.compute_threads {
+        0 => {
+            // The largest instance count decides; a repository error is reported later.
+            let instances = ember::repository::scan(&args.models)
+                .ok()
+                .and_then(|specs| specs.iter().map(|s| s.batching.instances).max())
+                .unwrap_or(1);
+            (cores / instances).max(1)
+        }
+        n => n,
+    };
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    tracing::info!(threads, cores, "compute threads per model instance");
 }
 
 fn init_logging(format: LogFormat) {

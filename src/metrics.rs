@@ -56,12 +56,18 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
-            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
-                .expect("valid histogram definition")
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .expect("valid histogram definition")
         }
         let m = Self {
             requests_total: IntCounterVec::new(
-                Opts::new("ember_requests_total", "HTTP requests by model, route and status."),
+                Opts::new(
+                    "ember_requests_total",
+                    "HTTP requests by model, route and status.",
+                ),
                 &["model", "route", "status"],
             )
             .expect("valid counter"),
@@ -96,7 +102,10 @@ impl Metrics {
                 &["model"],
             ),
             queue_depth_items: IntGaugeVec::new(
-                Opts::new("ember_queue_depth_items", "Inputs waiting in the model's queue."),
+                Opts::new(
+                    "ember_queue_depth_items",
+                    "Inputs waiting in the model's queue.",
+                ),
                 &["model"],
             )
             .expect("valid gauge"),
@@ -109,7 +118,10 @@ impl Metrics {
             )
             .expect("valid counter"),
             model_load_seconds: prometheus::GaugeVec::new(
-                Opts::new("ember_model_load_seconds", "Time it took to load the model."),
+                Opts::new(
+                    "ember_model_load_seconds",
+                    "Time it took to load the model.",
+                ),
                 &["model"],
             )
             .expect("valid gauge"),
@@ -118,8 +130,11 @@ impl Metrics {
                 &["model"],
             )
             .expect("valid gauge"),
-            ready: IntGauge::new("ember_ready", "1 when every model is loaded and the server is not draining.")
-                .expect("valid gauge"),
+            ready: IntGauge::new(
+                "ember_ready",
+                "1 when every model is loaded and the server is not draining.",
+            )
+            .expect("valid gauge"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -136,7 +151,9 @@ impl Metrics {
             Box::new(m.ready.clone()),
         ];
         for c in collectors {
-            m.registry.register(c).expect("each metric is registered once");
+            m.registry
+                .register(c)
+                .expect("each metric is registered once");
         }
         m
     }

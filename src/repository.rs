@@ -50,6 +50,10 @@ pub struct BatchPolicy {
     pub max_queue_delay_ms: u64,
     /// Most inputs waiting for this model; past it the server answers 503 at once.
     pub queue_capacity: usize,
+    /// Copies of the model computing batches side by side, each on its own thread (weights are
+    /// shared). On a CPU, several single-threaded instances beat one instance whose every small
+    /// op is split over all cores.
+    pub instances: usize,
 }
 
 impl Default for BatchPolicy {
@@ -59,6 +63,7 @@ impl Default for BatchPolicy {
             max_batch_tokens: 16384,
             max_queue_delay_ms: 2,
             queue_capacity: 1024,
+            instances: 1,
         }
     }
 }
@@ -208,6 +213,7 @@ fn validate(spec: &ModelSpec) -> Result<(), String> {
         ("batching.max_batch_size", b.max_batch_size as u64),
         ("batching.max_batch_tokens", b.max_batch_tokens as u64),
         ("batching.queue_capacity", b.queue_capacity as u64),
+        ("batching.instances", b.instances as u64),
     ];
     for (key, value) in positive {
         if value == 0 {
@@ -218,6 +224,12 @@ fn validate(spec: &ModelSpec) -> Result<(), String> {
         return Err(format!(
             "key `batching.max_queue_delay_ms` is {} ms; at most 60000 is allowed",
             b.max_queue_delay_ms
+        ));
+    }
+    if b.instances > 64 {
+        return Err(format!(
+            "key `batching.instances` is {}; at most 64 is allowed",
+            b.instances
         ));
     }
     if b.queue_capacity < b.max_batch_size {
@@ -246,8 +258,13 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<ModelSpec, String> {
-        parse_spec("m", Path::new("/repo/m"), Path::new("/repo/m/model.toml"), text)
-            .map_err(|e| e.to_string())
+        parse_spec(
+            "m",
+            Path::new("/repo/m"),
+            Path::new("/repo/m/model.toml"),
+            text,
+        )
+        .map_err(|e| e.to_string())
     }
 
     const MINIMAL: &str = "task = \"embed\"\nformat = \"safetensors\"\npath = \"weights\"\n";

@@ -18,9 +18,11 @@ async fn embeddings_match_the_reference_one_by_one_and_in_one_request() {
     assert!(cases.len() >= 40);
 
     // One request per text, all at once: the server batches them as it likes.
-    let singles = join_all(cases.iter().map(|c| {
-        server.post("/v1/embeddings", json!({"model": MINILM, "input": c.text}))
-    }))
+    let singles = join_all(
+        cases
+            .iter()
+            .map(|c| server.post("/v1/embeddings", json!({"model": MINILM, "input": c.text}))),
+    )
     .await;
     for (case, (status, body)) in cases.iter().zip(&singles) {
         assert_eq!(*status, 200, "{body}");
@@ -28,7 +30,11 @@ async fn embeddings_match_the_reference_one_by_one_and_in_one_request() {
         assert_eq!(got.len(), 384);
         let cos = cosine(&got, &case.embedding);
         assert!(cos >= MIN_COSINE, "cosine {cos} for {:?}", case.text);
-        assert_eq!(body["usage"]["prompt_tokens"], case.tokens, "{:?}", case.text);
+        assert_eq!(
+            body["usage"]["prompt_tokens"], case.tokens,
+            "{:?}",
+            case.text
+        );
         assert_eq!(body["usage"]["truncated_inputs"], case.truncated as usize);
     }
 
@@ -43,7 +49,11 @@ async fn embeddings_match_the_reference_one_by_one_and_in_one_request() {
     for (i, (case, item)) in cases.iter().zip(data).enumerate() {
         assert_eq!(item["index"], i);
         let cos = cosine(&vector(&item["embedding"]), &case.embedding);
-        assert!(cos >= MIN_COSINE, "cosine {cos} for {:?} inside a batch", case.text);
+        assert!(
+            cos >= MIN_COSINE,
+            "cosine {cos} for {:?} inside a batch",
+            case.text
+        );
     }
     let total: usize = cases.iter().map(|c| c.tokens).sum();
     assert_eq!(body["usage"]["prompt_tokens"], total);
@@ -70,15 +80,25 @@ async fn token_id_inputs_match_the_reference() {
     for (entry, item) in entries.iter().zip(body["data"].as_array().unwrap()) {
         let case = &cases[entry["case_index"].as_u64().unwrap() as usize];
         let cos = cosine(&vector(&item["embedding"]), &case.embedding);
-        assert!(cos >= MIN_COSINE, "cosine {cos} for token ids of {:?}", case.text);
+        assert!(
+            cos >= MIN_COSINE,
+            "cosine {cos} for token ids of {:?}",
+            case.text
+        );
     }
     // A single array of ids is one input.
     let (status, body) = server
-        .post("/v1/embeddings", json!({"model": MINILM, "input": entries[0]["ids"]}))
+        .post(
+            "/v1/embeddings",
+            json!({"model": MINILM, "input": entries[0]["ids"]}),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"].as_array().unwrap().len(), 1);
-    assert_eq!(body["usage"]["prompt_tokens"], entries[0]["ids"].as_array().unwrap().len());
+    assert_eq!(
+        body["usage"]["prompt_tokens"],
+        entries[0]["ids"].as_array().unwrap().len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -92,7 +112,10 @@ async fn a_text_alone_and_inside_a_padded_batch_give_the_same_vector() {
     let server = Server::start(&repo, &[]).await;
     let short = "Dynamic batching must not change the answer.";
     let (_, alone) = server
-        .post("/v1/embeddings", json!({"model": "minilm-padded", "input": short}))
+        .post(
+            "/v1/embeddings",
+            json!({"model": "minilm-padded", "input": short}),
+        )
         .await;
     let alone = vector(&alone["data"][0]["embedding"]);
     for company in [
@@ -131,18 +154,34 @@ async fn concurrent_requests_share_batches() {
     let batches = metric(&text, &format!("ember_batch_size_items_count{label}")).unwrap();
     let items = metric(&text, &format!("ember_batch_size_items_sum{label}")).unwrap();
     assert_eq!(items, requests as f64, "every input was computed once");
-    assert!(batches < items, "{batches} batches for {items} inputs: no batch held more than one");
-    let singles = metric(&text, &format!("ember_batch_size_items_bucket{{model=\"{MINILM}\",le=\"1\"}}")).unwrap();
-    assert!(singles < batches, "the histogram shows batches larger than 1");
+    assert!(
+        batches < items,
+        "{batches} batches for {items} inputs: no batch held more than one"
+    );
+    let singles = metric(
+        &text,
+        &format!("ember_batch_size_items_bucket{{model=\"{MINILM}\",le=\"1\"}}"),
+    )
+    .unwrap();
+    assert!(
+        singles < batches,
+        "the histogram shows batches larger than 1"
+    );
     for name in [
         "ember_queue_duration_seconds_count",
         "ember_inference_duration_seconds_count",
         "ember_batch_size_tokens_count",
     ] {
-        assert!(metric(&text, &format!("{name}{label}")).unwrap() > 0.0, "{name}");
+        assert!(
+            metric(&text, &format!("{name}{label}")).unwrap() > 0.0,
+            "{name}"
+        );
     }
     assert!(metric(&text, &format!("ember_model_load_seconds{label}")).unwrap() > 0.0);
-    assert_eq!(metric(&text, &format!("ember_model_parameters{label}")), Some(22713728.0));
+    assert_eq!(
+        metric(&text, &format!("ember_model_parameters{label}")),
+        Some(22713728.0)
+    );
     assert_eq!(metric(&text, "ember_ready"), Some(1.0));
     assert_eq!(
         metric(
@@ -185,16 +224,25 @@ async fn a_full_queue_answers_503_with_retry_after_at_once() {
             s => panic!("unexpected status {s}"),
         }
     }
-    assert!(refused > 0, "12 requests of 4 inputs never filled a queue of 8");
+    assert!(
+        refused > 0,
+        "12 requests of 4 inputs never filled a queue of 8"
+    );
     // More inputs than the queue can ever hold is refused as too large, not as overload.
     let (status, e) = server
-        .post("/v1/embeddings", json!({"model": "minilm-small-queue", "input": vec!["x"; 9]}))
+        .post(
+            "/v1/embeddings",
+            json!({"model": "minilm-small-queue", "input": vec!["x"; 9]}),
+        )
         .await;
     assert_eq!(status, 413, "{e}");
     assert_eq!(e["error"]["code"], "too_many_inputs");
     // The server still answers afterwards.
     let (status, _) = server
-        .post("/v1/embeddings", json!({"model": "minilm-small-queue", "input": "still here"}))
+        .post(
+            "/v1/embeddings",
+            json!({"model": "minilm-small-queue", "input": "still here"}),
+        )
         .await;
     assert_eq!(status, 200);
     let _ = std::fs::remove_dir_all(repo);
@@ -206,53 +254,98 @@ async fn bad_requests_get_clear_errors_in_each_api_shape() {
 
     let (status, e) = server.post_raw("/v1/embeddings", "{\"model\": ").await;
     assert_eq!(status, 400);
-    assert!(e["error"]["message"].as_str().unwrap().contains("malformed JSON"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("malformed JSON"),
+        "{e}"
+    );
     assert_eq!(e["error"]["type"], "invalid_request_error");
 
     let (status, e) = server
-        .post("/v1/embeddings", json!({"model": "no-such-model", "input": "hi"}))
+        .post(
+            "/v1/embeddings",
+            json!({"model": "no-such-model", "input": "hi"}),
+        )
         .await;
     assert_eq!(status, 404);
     assert_eq!(e["error"]["code"], "model_not_found");
-    assert!(e["error"]["message"].as_str().unwrap().contains("no-such-model"));
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no-such-model"));
 
     let (status, e) = server
         .post("/v1/embeddings", json!({"model": MINILM, "input": []}))
         .await;
     assert_eq!(status, 400);
-    assert!(e["error"]["message"].as_str().unwrap().contains("empty"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("empty"),
+        "{e}"
+    );
     assert_eq!(e["error"]["param"], "input");
 
     for (body, needle) in [
         (json!({"model": MINILM, "input": 42}), "`input` is a number"),
-        (json!({"model": MINILM, "input": ["ok", 3]}), "input[1] is a number"),
+        (
+            json!({"model": MINILM, "input": ["ok", 3]}),
+            "input[1] is a number",
+        ),
         (json!({"model": 7, "input": "hi"}), "invalid type"),
         (json!({"input": "hi"}), "missing field `model`"),
-        (json!({"model": MINILM, "input": "hi", "encoding_format": "hex"}), "unknown variant"),
+        (
+            json!({"model": MINILM, "input": "hi", "encoding_format": "hex"}),
+            "unknown variant",
+        ),
     ] {
         let (status, e) = server.post("/v1/embeddings", body.clone()).await;
         assert_eq!(status, 422, "{body} → {e}");
         let message = e["error"]["message"].as_str().unwrap();
-        assert!(message.contains(needle), "{message} should mention {needle}");
+        assert!(
+            message.contains(needle),
+            "{message} should mention {needle}"
+        );
     }
 
     let (status, e) = server
-        .post("/v1/embeddings", json!({"model": MINILM, "input": [[101, 99999, 102]]}))
+        .post(
+            "/v1/embeddings",
+            json!({"model": MINILM, "input": [[101, 99999, 102]]}),
+        )
         .await;
     assert_eq!(status, 400);
-    assert!(e["error"]["message"].as_str().unwrap().contains("99999"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("99999"),
+        "{e}"
+    );
     let (status, e) = server
-        .post("/v1/embeddings", json!({"model": MINILM, "input": [vec![1000; 300]]}))
+        .post(
+            "/v1/embeddings",
+            json!({"model": MINILM, "input": [vec![1000; 300]]}),
+        )
         .await;
     assert_eq!(status, 400);
-    assert!(e["error"]["message"].as_str().unwrap().contains("at most 256"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 256"),
+        "{e}"
+    );
     let (status, e) = server
-        .post("/v1/embeddings", json!({"model": MINILM, "input": "hi", "dimensions": 128}))
+        .post(
+            "/v1/embeddings",
+            json!({"model": MINILM, "input": "hi", "dimensions": 128}),
+        )
         .await;
     assert_eq!(status, 400);
     assert_eq!(e["error"]["param"], "dimensions");
     let (status, _) = server
-        .post("/v1/embeddings", json!({"model": MINILM, "input": "hi", "dimensions": 384}))
+        .post(
+            "/v1/embeddings",
+            json!({"model": MINILM, "input": "hi", "dimensions": 384}),
+        )
         .await;
     assert_eq!(status, 200);
 
@@ -260,23 +353,44 @@ async fn bad_requests_get_clear_errors_in_each_api_shape() {
     let infer = format!("/v2/models/{MINILM}/infer");
     let (status, e) = server.post_raw(&infer, "not json").await;
     assert_eq!(status, 400);
-    assert!(e["error"].as_str().unwrap().contains("malformed JSON"), "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("malformed JSON"),
+        "{e}"
+    );
     let (status, e) = server
         .post("/v2/models/nope/infer", json!({"inputs": []}))
         .await;
     assert_eq!(status, 404);
     assert!(e["error"].as_str().unwrap().contains("nope"));
     for (input, needle) in [
-        (json!({"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}), "datatype is FP32"),
-        (json!({"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}), "declares 2 elements"),
-        (json!({"name": "words", "shape": [1], "datatype": "BYTES", "data": ["a"]}), "unknown input"),
-        (json!({"name": "text", "shape": [1], "datatype": "BYTES", "data": [5]}), "must be strings"),
-        (json!({"name": "text", "shape": [1, 2, 3], "datatype": "BYTES", "data": ["a"]}), "is not allowed"),
+        (
+            json!({"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}),
+            "datatype is FP32",
+        ),
+        (
+            json!({"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}),
+            "declares 2 elements",
+        ),
+        (
+            json!({"name": "words", "shape": [1], "datatype": "BYTES", "data": ["a"]}),
+            "unknown input",
+        ),
+        (
+            json!({"name": "text", "shape": [1], "datatype": "BYTES", "data": [5]}),
+            "must be strings",
+        ),
+        (
+            json!({"name": "text", "shape": [1, 2, 3], "datatype": "BYTES", "data": ["a"]}),
+            "is not allowed",
+        ),
     ] {
         let (status, e) = server.post(&infer, json!({"inputs": [input]})).await;
         assert_eq!(status, 400, "{e}");
         let message = e["error"].as_str().unwrap();
-        assert!(message.contains(needle), "{message} should mention {needle}");
+        assert!(
+            message.contains(needle),
+            "{message} should mention {needle}"
+        );
     }
     let (status, e) = server.post(&infer, json!({"inputs": "x"})).await;
     assert_eq!(status, 422, "{e}");
@@ -330,8 +444,14 @@ async fn kserve_infer_base64_and_metadata_routes() {
 
     let (status, meta) = server.get(&format!("/v2/models/{MINILM}")).await;
     assert_eq!(status, 200);
-    assert_eq!(meta["inputs"][0], json!({"name": "text", "datatype": "BYTES", "shape": [-1]}));
-    assert_eq!(meta["outputs"][0], json!({"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}));
+    assert_eq!(
+        meta["inputs"][0],
+        json!({"name": "text", "datatype": "BYTES", "shape": [-1]})
+    );
+    assert_eq!(
+        meta["outputs"][0],
+        json!({"name": "embedding", "datatype": "FP32", "shape": [-1, 384]})
+    );
     let (status, ready) = server.get(&format!("/v2/models/{MINILM}/ready")).await;
     assert_eq!((status, ready["ready"].clone()), (200, json!(true)));
     let (status, _) = server.get("/v2/models/nope/ready").await;
@@ -342,7 +462,12 @@ async fn kserve_infer_base64_and_metadata_routes() {
     assert_eq!(status, 200);
     assert_eq!(models["data"][0]["id"], MINILM);
     assert_eq!(models["data"][0]["task"], "embed");
-    for path in ["/health/live", "/v2/health/live", "/health/ready", "/v2/health/ready"] {
+    for path in [
+        "/health/live",
+        "/v2/health/live",
+        "/health/ready",
+        "/v2/health/ready",
+    ] {
         assert_eq!(server.get(path).await.0, 200, "{path}");
     }
 }

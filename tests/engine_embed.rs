@@ -13,11 +13,19 @@ fn padding_does_not_change_a_vector() {
     let (mut embedder, tokenizer) =
         ember::engine::embed::load(&dir, &EmbedOptions::default(), &Device::Cpu).unwrap();
     let cases = reference_cases();
-    let short = tokenizer.encode("Padding must not change the answer.").unwrap().ids;
-    let long = tokenizer.encode(&cases.iter().find(|c| c.truncated).unwrap().text).unwrap().ids;
+    let short = tokenizer
+        .encode("Padding must not change the answer.")
+        .unwrap()
+        .ids;
+    let long = tokenizer
+        .encode(&cases.iter().find(|c| c.truncated).unwrap().text)
+        .unwrap()
+        .ids;
     assert_eq!(long.len(), 256);
     let alone = embedder.embed(std::slice::from_ref(&short)).unwrap();
-    let padded = embedder.embed(&[long.clone(), short.clone(), long[..40].to_vec()]).unwrap();
+    let padded = embedder
+        .embed(&[long.clone(), short.clone(), long[..40].to_vec()])
+        .unwrap();
     let cos = cosine(&alone[0], &padded[1]);
     assert!(cos >= 0.99999, "cosine {cos}");
     // And the long one matches the reference, wherever it stands in the batch.

@@ -21,17 +21,38 @@ async fn sigterm_drains_in_flight_requests_then_exits_cleanly() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = server.metrics().await;
-        if metric(&text, &format!("ember_queue_depth_items{{model=\"{MINILM}\"}}")).unwrap_or(0.0) > 0.0
-            || metric(&text, &format!("ember_batch_size_items_count{{model=\"{MINILM}\"}}")).unwrap_or(0.0) > 0.0
+        if metric(
+            &text,
+            &format!("ember_queue_depth_items{{model=\"{MINILM}\"}}"),
+        )
+        .unwrap_or(0.0)
+            > 0.0
+            || metric(
+                &text,
+                &format!("ember_batch_size_items_count{{model=\"{MINILM}\"}}"),
+            )
+            .unwrap_or(0.0)
+                > 0.0
         {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the request never reached the queue");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never reached the queue"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // A keep-alive connection opened before the signal sees the drain.
     let probe = reqwest::Client::new();
-    assert_eq!(probe.get(server.url("/health/ready")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        probe
+            .get(server.url("/health/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     server.terminate();
     tokio::time::sleep(Duration::from_millis(100)).await;
 
@@ -52,7 +73,10 @@ async fn sigterm_drains_in_flight_requests_then_exits_cleanly() {
         Err(e) => assert!(e.is_connect() || e.is_request(), "{e}"),
     }
 
-    let response = in_flight.await.unwrap().expect("the in-flight request completes");
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["data"].as_array().unwrap().len(), 48);
@@ -63,7 +87,10 @@ async fn sigterm_drains_in_flight_requests_then_exits_cleanly() {
             if let Some(status) = server.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "ember did not exit after draining");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ember did not exit after draining"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     })

@@ -1,1 +1,219 @@
-fn main() {}
+//! ember-loadtest: drives `POST /v1/embeddings` at fixed concurrency levels, each for a bounded
+//! time and request count, and prints throughput and latency percentiles (plus one JSON line).
+//!
+//! Texts are generated to an exact token count with the model's own tokenizer, like the peer
+//! client in shared/bench, so both measure the same work. Loopback targets only.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(about = "Bounded closed-loop load on Ember's /v1/embeddings")]
+struct Args {
+    /// Server base URL (loopback only), e.g. http://127.0.0.1:8080
+    #[arg(long)]
+    url: String,
+    #[arg(long, default_value = "all-MiniLM-L6-v2")]
+    model: String,
+    /// tokenizer.json used to make texts of exactly --tokens tokens ([CLS]/[SEP] included).
+    #[arg(long)]
+    tokenizer: std::path::PathBuf,
+    /// Tokens per text (12 = short, 60 = medium).
+    #[arg(long, default_value_t = 12)]
+    tokens: usize,
+    /// Concurrency levels, run one after the other.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    concurrency: Vec<usize>,
+    /// Seconds per level.
+    #[arg(long, default_value_t = 10.0)]
+    secs: f64,
+    /// Most requests per level.
+    #[arg(long, default_value_t = 200_000)]
+    max_requests: usize,
+    /// Label printed with the results (e.g. "batching" or "batch=1").
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+const WORDS: &str = "server model request batch queue edge cloud token vector network small large \
+    fast slow data image text reply answer gateway cluster memory thread engine worker client \
+    again unless because while after before under over into from with about the a an of to and";
+
+/// Deterministic texts of exactly `tokens` tokens.
+fn texts(
+    tokenizer: &tokenizers::Tokenizer,
+    tokens: usize,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    let words: Vec<&str> = WORDS.split_whitespace().collect();
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state as usize
+    };
+    let mut out = Vec::with_capacity(count);
+    let mut attempts = 0;
+    while out.len() < count {
+        attempts += 1;
+        if attempts > count * 100 {
+            bail!("cannot make texts of exactly {tokens} tokens");
+        }
+        let mut text = String::new();
+        loop {
+            let n = tokenizer
+                .encode(text.as_str(), true)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .len();
+            if n >= tokens {
+                if n == tokens {
+                    out.push(text);
+                }
+                break;
+            }
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            text.push_str(words[next() % words.len()]);
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Serialize)]
+struct Level {
+    label: String,
+    tokens: usize,
+    concurrency: usize,
+    requests: usize,
+    errors: usize,
+    seconds: f64,
+    per_s: f64,
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+}
+
+async fn run_level(args: &Args, texts: Arc<Vec<String>>, concurrency: usize) -> Level {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .expect("client");
+    let url = format!("{}/v1/embeddings", args.url.trim_end_matches('/'));
+    let stop = Instant::now() + Duration::from_secs_f64(args.secs);
+    let budget = Arc::new(std::sync::atomic::AtomicUsize::new(args.max_requests));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let (client, url, texts, budget) =
+            (client.clone(), url.clone(), texts.clone(), budget.clone());
+        let model = args.model.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut latencies, mut errors, mut i) = (Vec::new(), 0usize, worker);
+            while Instant::now() < stop
+                && budget
+                    .fetch_update(
+                        std::sync::atomic::Ordering::SeqCst,
+                        std::sync::atomic::Ordering::SeqCst,
+                        |b| b.checked_sub(1),
+                    )
+                    .is_ok()
+            {
+                let body = serde_json::json!({"model": model, "input": texts[i % texts.len()]});
+                let t = Instant::now();
+                let ok = match client
+                    .post(&url)
+                    .json(&body)
+                    .timeout(Duration::from_secs(60))
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                if ok {
+                    latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                } else {
+                    errors += 1;
+                }
+                i += concurrency;
+            }
+            (latencies, errors)
+        }));
+    }
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.expect("worker");
+        latencies.extend(l);
+        errors += e;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        if latencies.is_empty() {
+            f64::NAN
+        } else {
+            latencies[((p * latencies.len() as f64) as usize).min(latencies.len() - 1)]
+        }
+    };
+    Level {
+        label: args.label.clone(),
+        tokens: args.tokens,
+        concurrency,
+        requests: latencies.len(),
+        errors,
+        seconds,
+        per_s: latencies.len() as f64 / seconds,
+        p50_ms: q(0.50),
+        p95_ms: q(0.95),
+        p99_ms: q(0.99),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let host = reqwest::Url::parse(&args.url)
+        .context("--url")?
+        .host_str()
+        .unwrap_or("")
+        .to_string();
+    if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]" | "::1") {
+        bail!("ember-loadtest only targets loopback addresses, not {host}");
+    }
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&args.tokenizer)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.tokenizer.display()))?;
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let texts = Arc::new(texts(&tokenizer, args.tokens, 512)?);
+    println!(
+        "{:<12} {:>6} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>9}",
+        "label", "tokens", "conc", "requests", "errors", "sent/s", "p50 ms", "p95 ms", "p99 ms"
+    );
+    let mut levels = Vec::new();
+    for &c in &args.concurrency {
+        let level = run_level(&args, texts.clone(), c).await;
+        println!(
+            "{:<12} {:>6} {:>5} {:>9} {:>7} {:>10.1} {:>9.2} {:>9.2} {:>9.2}",
+            level.label,
+            level.tokens,
+            level.concurrency,
+            level.requests,
+            level.errors,
+            level.per_s,
+            level.p50_ms,
+            level.p95_ms,
+            level.p99_ms
+        );
+        levels.push(level);
+    }
+    println!("{}", serde_json::to_string(&levels)?);
+    Ok(())
+}

@@ -138,6 +138,7 @@ mod tests {
             max_batch_tokens: tokens,
             max_queue_delay_ms: delay_ms,
             queue_capacity: 1024,
+            instances: 1,
         }
     }
 

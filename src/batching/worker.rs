@@ -65,29 +65,39 @@ impl<E: BatchEngine> Clone for Batcher<E> {
 }
 
 impl<E: BatchEngine> Batcher<E> {
-    /// Starts the batching loop on the current tokio runtime and the compute thread for `engine`.
+    /// Starts the batching loop on the current tokio runtime and one compute thread per engine
+    /// instance; any idle instance takes the next batch.
     pub fn spawn(
         model: &str,
-        engine: E,
+        engines: Vec<E>,
         policy: BatchPolicy,
         metrics: BatcherMetrics,
     ) -> std::io::Result<Self> {
-        let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel::<Batch<E::Input, E::Output>>(1);
-        let thread_metrics = metrics.clone();
-        let thread_model: Arc<str> = model.into();
-        let loop_model = thread_model.clone();
-        std::thread::Builder::new()
-            .name(format!("ember-{model}"))
-            .spawn(move || compute_loop(&thread_model, engine, batch_rx, thread_metrics))?;
+        assert!(
+            !engines.is_empty(),
+            "a batcher needs at least one engine instance"
+        );
+        let instances = engines.len();
+        let (batch_tx, batch_rx) =
+            std::sync::mpsc::sync_channel::<Batch<E::Input, E::Output>>(instances);
+        let batch_rx = Arc::new(std::sync::Mutex::new(batch_rx));
+        let name: Arc<str> = model.into();
+        for (i, engine) in engines.into_iter().enumerate() {
+            let (name, batches, metrics) = (name.clone(), batch_rx.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name(format!("ember-{model}-{i}"))
+                .spawn(move || compute_loop(&name, engine, &batches, metrics))?;
+        }
         let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
         tokio::spawn(batch_loop(
             BatchQueue::new(policy),
             jobs_rx,
             batch_tx,
+            instances,
             metrics.clone(),
         ));
         Ok(Self {
-            model: loop_model,
+            model: name,
             capacity: policy.queue_capacity,
             slots: Arc::new(Semaphore::new(policy.queue_capacity)),
             jobs: jobs_tx,
@@ -144,9 +154,11 @@ async fn batch_loop<I: Send + 'static, O: Send + 'static>(
     mut queue: BatchQueue<Job<I, O>>,
     mut jobs: mpsc::UnboundedReceiver<(Job<I, O>, usize)>,
     compute: std::sync::mpsc::SyncSender<Batch<I, O>>,
+    instances: usize,
     metrics: BatcherMetrics,
 ) {
-    let idle = Arc::new(Semaphore::new(1));
+    // One permit per idle compute instance.
+    let idle = Arc::new(Semaphore::new(instances));
     let mut open = true;
     while open || !queue.is_empty() {
         let due = queue.should_flush(Instant::now()) || (!open && !queue.is_empty());
@@ -176,7 +188,7 @@ async fn batch_loop<I: Send + 'static, O: Send + 'static>(
                     .collect();
                 let batch = Batch { jobs, padded_tokens, _idle: permit };
                 if compute.send(batch).is_err() {
-                    // The compute thread is gone (it only exits when this loop does); the
+                    // The compute threads are gone (they only exit when this loop does); the
                     // replies' senders drop with the batch and every waiter sees an error.
                     return;
                 }
@@ -207,10 +219,13 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 fn compute_loop<E: BatchEngine>(
     model: &str,
     mut engine: E,
-    batches: std::sync::mpsc::Receiver<Batch<E::Input, E::Output>>,
+    batches: &std::sync::Mutex<std::sync::mpsc::Receiver<Batch<E::Input, E::Output>>>,
     metrics: BatcherMetrics,
 ) {
-    while let Ok(batch) = batches.recv() {
+    loop {
+        // The lock is held only while waiting for the next batch, never while computing.
+        let next = batches.lock().map(|rx| rx.recv());
+        let Ok(Ok(batch)) = next else { return };
         let mut inputs = Vec::with_capacity(batch.jobs.len());
         let mut replies = Vec::with_capacity(batch.jobs.len());
         for mut job in batch.jobs {
@@ -227,7 +242,9 @@ fn compute_loop<E: BatchEngine>(
             continue;
         }
         metrics.batch_size_items.observe(inputs.len() as f64);
-        metrics.batch_size_tokens.observe(batch.padded_tokens as f64);
+        metrics
+            .batch_size_tokens
+            .observe(batch.padded_tokens as f64);
         let started = std::time::Instant::now();
         let expected = inputs.len();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(inputs)));
@@ -315,8 +332,9 @@ mod tests {
             max_batch_tokens: tokens,
             max_queue_delay_ms: delay_ms,
             queue_capacity: capacity,
+            instances: 1,
         };
-        let b = Batcher::spawn("m", engine, policy, BatcherMetrics::detached()).unwrap();
+        let b = Batcher::spawn("m", vec![engine], policy, BatcherMetrics::detached()).unwrap();
         (b, batches, gated.then_some(gate_tx))
     }
 
@@ -398,10 +416,17 @@ mod tests {
         let gate = gate.unwrap();
         let held = b.submit((1..=4).map(|i| (i, 10)).collect()).unwrap();
         assert_eq!(b.in_flight(), 4);
-        assert!(matches!(b.submit(vec![(9, 10)]), Err(BatchError::QueueFull { capacity: 4, .. })));
+        assert!(matches!(
+            b.submit(vec![(9, 10)]),
+            Err(BatchError::QueueFull { capacity: 4, .. })
+        ));
         assert!(matches!(
             b.submit((0..5).map(|i| (i, 1)).collect()),
-            Err(BatchError::TooManyInputs { count: 5, capacity: 4, .. })
+            Err(BatchError::TooManyInputs {
+                count: 5,
+                capacity: 4,
+                ..
+            })
         ));
         for _ in 0..2 {
             gate.send(()).unwrap();
@@ -418,7 +443,10 @@ mod tests {
         for poison in [13, 666] {
             let replies = b.submit(vec![(1, 10), (poison, 10)]).unwrap();
             for answer in answers(replies).await {
-                assert!(matches!(answer, Err(BatchError::Engine { .. })), "{answer:?}");
+                assert!(
+                    matches!(answer, Err(BatchError::Engine { .. })),
+                    "{answer:?}"
+                );
             }
         }
         // The compute thread survived the panic.

@@ -8,10 +8,10 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
+use super::bert::{Bert, BertConfig};
 use super::EngineError;
 use crate::batching::BatchEngine;
 use crate::repository::{EmbedOptions, Pooling};
@@ -52,9 +52,10 @@ impl EmbedTokenizer {
     }
 }
 
-/// The encoder on its device; runs on the model's compute thread.
+/// The encoder on its device; runs on a compute thread. Clones share the weights.
+#[derive(Clone)]
 pub struct BertEmbedder {
-    model: BertModel,
+    model: Bert,
     device: Device,
     pad_id: u32,
     info: EmbedInfo,
@@ -121,13 +122,17 @@ pub fn load(
     let model_limit = config.max_position_embeddings;
     let max_seq_length = options
         .max_seq_length
-        .or(read_json::<SentenceBertConfig>(&dir.join("sentence_bert_config.json"))?
-            .and_then(|c| c.max_seq_length))
+        .or(
+            read_json::<SentenceBertConfig>(&dir.join("sentence_bert_config.json"))?
+                .and_then(|c| c.max_seq_length),
+        )
         .unwrap_or(model_limit);
     if max_seq_length > model_limit {
         return Err(EngineError::file(
             &config_file,
-            format!("max_seq_length {max_seq_length} exceeds max_position_embeddings {model_limit}"),
+            format!(
+                "max_seq_length {max_seq_length} exceeds max_position_embeddings {model_limit}"
+            ),
         ));
     }
 
@@ -155,7 +160,7 @@ pub fn load(
     // Safety: the weights file is not modified while the server runs (it is mapped read-only).
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
         .map_err(|e| EngineError::file(&weights, e))?;
-    let model = BertModel::load(vb, &config).map_err(|e| EngineError::file(&weights, e))?;
+    let model = Bert::load(vb, &config).map_err(|e| EngineError::file(&weights, e))?;
 
     let info = EmbedInfo {
         dimensions: config.hidden_size,
@@ -198,8 +203,7 @@ impl BertEmbedder {
         let shape = (batch.len(), longest);
         let ids = Tensor::from_vec(ids, shape, &self.device)?;
         let mask = Tensor::from_vec(mask, shape, &self.device)?;
-        let types = ids.zeros_like()?;
-        let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+        let hidden = self.model.forward(&ids, &mask)?;
         let pooled = match self.info.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
             Pooling::Mean => {

@@ -42,7 +42,8 @@ impl EmbeddingModel {
         metrics: BatcherMetrics,
     ) -> Result<Self, EngineError> {
         let info = embedder.info().clone();
-        let batcher = Batcher::spawn(&spec.name, embedder, spec.batching, metrics)
+        let engines = vec![embedder; spec.batching.instances];
+        let batcher = Batcher::spawn(&spec.name, engines, spec.batching, metrics)
             .map_err(|e| EngineError::Device(format!("cannot start compute thread: {e}")))?;
         Ok(Self {
             spec,
@@ -70,12 +71,15 @@ impl EmbeddingModel {
         }
         let encoded = self.encode(inputs).await?;
         let meta: Vec<(usize, bool)> = encoded.iter().map(|(ids, t)| (ids.len(), *t)).collect();
-        let replies = self
-            .batcher
-            .submit(encoded.into_iter().map(|(ids, _)| {
-                let n = ids.len();
-                (ids, n)
-            }).collect())?;
+        let replies = self.batcher.submit(
+            encoded
+                .into_iter()
+                .map(|(ids, _)| {
+                    let n = ids.len();
+                    (ids, n)
+                })
+                .collect(),
+        )?;
         let mut out = Vec::with_capacity(replies.len());
         for (reply, (tokens, truncated)) in replies.into_iter().zip(meta) {
             let vector = reply
@@ -108,7 +112,9 @@ impl EmbeddingModel {
                             index: Some(index),
                             message: format!("input {index}: {e}"),
                         }),
-                    EmbedInput::Tokens(ids) => check_tokens(index, ids, &info).map(|ids| (ids, false)),
+                    EmbedInput::Tokens(ids) => {
+                        check_tokens(index, ids, &info).map(|ids| (ids, false))
+                    }
                 })
                 .collect::<Result<Vec<_>, _>>()
         };

@@ -50,12 +50,21 @@ pub struct ModelRegistry {
 
 impl ModelRegistry {
     pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
-        self.models.read().expect("registry lock").get(name).cloned()
+        self.models
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .cloned()
     }
 
     /// Loaded models, sorted by name.
     pub fn list(&self) -> Vec<Arc<LoadedModel>> {
-        self.models.read().expect("registry lock").values().cloned().collect()
+        self.models
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn insert(&self, model: LoadedModel) {
@@ -84,7 +93,12 @@ pub async fn load(
             })
             .await
             .map_err(|e| EngineError::Device(format!("model loading thread failed: {e}")))??;
-            LoadedModel::Embed(EmbeddingModel::start(spec, embedder, tokenizer, batcher_metrics)?)
+            LoadedModel::Embed(EmbeddingModel::start(
+                spec,
+                embedder,
+                tokenizer,
+                batcher_metrics,
+            )?)
         }
         Task::Generate | Task::Tensor => {
             return Err(EngineError::file(

@@ -64,7 +64,11 @@ impl ApiError {
     }
 
     pub fn route_not_found(path: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route for {path}"),
+        )
     }
 
     fn retry_after(&self) -> bool {
@@ -75,7 +79,9 @@ impl ApiError {
 impl From<BatchError> for ApiError {
     fn from(e: BatchError) -> Self {
         let status = match e {
-            BatchError::QueueFull { .. } | BatchError::Stopped(_) => StatusCode::SERVICE_UNAVAILABLE,
+            BatchError::QueueFull { .. } | BatchError::Stopped(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             BatchError::TooManyInputs { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BatchError::Engine { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -58,13 +58,23 @@ pub struct ModelLabel(pub String);
 
 pub fn router(state: AppState) -> Router {
     routes::router()
-        .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_while_draining))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            refuse_while_draining,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            record_metrics,
+        ))
         .with_state(state)
 }
 
 /// During the drain, inference is refused at once; probes and metrics still answer.
-async fn refuse_while_draining(State(state): State<AppState>, req: Request, next: Next) -> Response {
+async fn refuse_while_draining(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let path = req.uri().path();
     let is_inference = path.starts_with("/v1/") && req.method() == axum::http::Method::POST
         || path.ends_with("/infer");
@@ -115,7 +125,10 @@ pub async fn serve(
     let metrics = state.metrics.clone();
     tokio::spawn(async move {
         shutdown.await;
-        tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: draining in-flight requests");
+        tracing::info!(
+            grace_s = grace.as_secs_f64(),
+            "shutting down: draining in-flight requests"
+        );
         health.start_draining();
         metrics.ready.set(0);
         let _ = drain_tx.send(true);

@@ -110,13 +110,22 @@ impl Server {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "ember did not become ready in {limit:?}");
+            assert!(
+                Instant::now() < deadline,
+                "ember did not become ready in {limit:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-        let r = self.client.post(self.url(path)).json(&body).send().await.unwrap();
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap())
     }

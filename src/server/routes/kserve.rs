@@ -164,10 +164,15 @@ fn texts_from(inputs: &[InferInput]) -> Result<Vec<String>, ApiError> {
     };
     let at = |message: String| ApiError::bad_request(format!("input {:?}: {message}", input.name));
     if input.name != TEXT_INPUT {
-        return Err(at(format!("unknown input; this model's input is {TEXT_INPUT:?}")));
+        return Err(at(format!(
+            "unknown input; this model's input is {TEXT_INPUT:?}"
+        )));
     }
     if input.datatype != "BYTES" {
-        return Err(at(format!("datatype is {}; this input takes BYTES", input.datatype)));
+        return Err(at(format!(
+            "datatype is {}; this input takes BYTES",
+            input.datatype
+        )));
     }
     let mut texts = Vec::new();
     flatten_strings(&input.data, &mut texts).map_err(at)?;

@@ -20,7 +20,10 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn not_found(req: Request) -> Response {
-    for_path(req.uri().path(), ApiError::route_not_found(req.uri().path()))
+    for_path(
+        req.uri().path(),
+        ApiError::route_not_found(req.uri().path()),
+    )
 }
 
 use std::sync::Arc;

@@ -136,14 +136,18 @@ fn parse_input(input: Value) -> Result<Vec<EmbedInput>, ApiError> {
     let token = |v: &Value, at: String| -> Result<u32, ApiError> {
         v.as_u64()
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| invalid(format!("{at} is {v}; token ids are integers from 0 to 4294967295")))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{at} is {v}; token ids are integers from 0 to 4294967295"
+                ))
+            })
     };
     match input {
         Value::String(s) => Ok(vec![EmbedInput::Text(s)]),
-        Value::Array(items) if items.is_empty() => {
-            Err(ApiError::bad_request("`input` is an empty list; send at least one input")
-                .with_param("input"))
-        }
+        Value::Array(items) if items.is_empty() => Err(ApiError::bad_request(
+            "`input` is an empty list; send at least one input",
+        )
+        .with_param("input")),
         Value::Array(items) => match &items[0] {
             Value::String(_) => items
                 .into_iter()
@@ -249,7 +253,10 @@ mod tests {
 
     #[test]
     fn input_shapes() {
-        assert_eq!(parse_input(json!("a")).unwrap(), vec![EmbedInput::Text("a".into())]);
+        assert_eq!(
+            parse_input(json!("a")).unwrap(),
+            vec![EmbedInput::Text("a".into())]
+        );
         assert_eq!(parse_input(json!(["a", "b"])).unwrap().len(), 2);
         assert_eq!(
             parse_input(json!([101, 102])).unwrap(),
@@ -257,7 +264,10 @@ mod tests {
         );
         assert_eq!(
             parse_input(json!([[101, 102], [101, 7, 102]])).unwrap(),
-            vec![EmbedInput::Tokens(vec![101, 102]), EmbedInput::Tokens(vec![101, 7, 102])]
+            vec![
+                EmbedInput::Tokens(vec![101, 102]),
+                EmbedInput::Tokens(vec![101, 7, 102])
+            ]
         );
     }
 
