@@ -14,13 +14,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs=${1:-10}
 python=${PYTHON:-python3}
 models/fetch.sh all-MiniLM-L6-v2
-cargo build --release --locked --bin ember --bin ember-loadtest
+cargo build --release --locked --bin ember && cargo build --release --locked -p ember-loadtest
 weights=$PWD/models/all-MiniLM-L6-v2/weights
 out=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
 
-start() { # repo dir, port
+start() { # repo dir, port; sets $server to the pid
   target/release/ember serve --models "$1" --addr "127.0.0.1:$2" >"$out/serve-$2.log" 2>&1 &
+  server=$!
   for _ in $(seq 100); do
     curl -sf "http://127.0.0.1:$2/health/ready" >/dev/null && return
     sleep 0.1
@@ -39,7 +40,7 @@ echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d
 echo "== ember, dynamic batching (models/all-MiniLM-L6-v2/model.toml)"
 start models 18081
 load 18081 batching
-kill %1; wait %1 2>/dev/null || true
+kill "$server"; wait "$server" 2>/dev/null || true
 
 echo "== ember, max_batch_size = 1 (instances as in the demo config)"
 mkdir -p "$out/repo1/all-MiniLM-L6-v2"
@@ -47,7 +48,7 @@ sed -e "s|^path .*|path = \"$weights\"|" -e 's|^max_batch_size .*|max_batch_size
   models/all-MiniLM-L6-v2/model.toml >"$out/repo1/all-MiniLM-L6-v2/model.toml"
 start "$out/repo1" 18082
 load 18082 batch=1
-kill %2; wait %2 2>/dev/null || true
+kill "$server"; wait "$server" 2>/dev/null || true
 
 echo "== side by side with sentence-transformers (shared/bench/embed_side_by_side.py)"
 if "$python" -c 'import sentence_transformers' 2>/dev/null; then

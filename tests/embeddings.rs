@@ -471,3 +471,61 @@ async fn kserve_infer_base64_and_metadata_routes() {
         assert_eq!(server.get(path).await.0, 200, "{path}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_hangs_up_is_dropped_before_compute() {
+    use tokio::io::AsyncWriteExt;
+
+    let repo = repository_with(&[(
+        "minilm-one",
+        "max_batch_size = 4\nqueue_capacity = 256\ninstances = 1",
+    )]);
+    let server = Server::start(&repo, &[]).await;
+    let long = "a long sentence that keeps the encoder busy for a good while ".repeat(30);
+    // Keep the only instance busy…
+    let busy = tokio::spawn({
+        let req = server
+            .client
+            .post(server.url("/v1/embeddings"))
+            .json(&json!({"model": "minilm-one", "input": vec![long.as_str(); 16]}));
+        async move { req.send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // …then queue 64 inputs behind it and hang up without reading the answer.
+    let body = json!({"model": "minilm-one", "input": vec![long.as_str(); 64]}).to_string();
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/embeddings HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    drop(stream);
+
+    assert_eq!(busy.await.unwrap().unwrap(), 200);
+    let label = "{model=\"minilm-one\"}";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = server.metrics().await;
+        let cancelled =
+            metric(&text, &format!("ember_cancelled_items_total{label}")).unwrap_or(0.0);
+        let computed = metric(&text, &format!("ember_batch_size_items_sum{label}")).unwrap_or(0.0);
+        let waiting = metric(&text, &format!("ember_queue_depth_items{label}")).unwrap_or(0.0);
+        if waiting == 0.0 && cancelled + computed >= 80.0 {
+            assert!(
+                cancelled > 0.0,
+                "no input of the abandoned request was dropped"
+            );
+            assert!(computed < 80.0, "all abandoned inputs were computed anyway");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queue never drained: {cancelled} cancelled, {computed} computed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_dir_all(repo);
+}
