@@ -98,9 +98,8 @@ impl From<BatchError> for ApiError {
 impl From<ModelError> for ApiError {
     fn from(e: ModelError) -> Self {
         match e {
-            ModelError::InvalidInput { message, .. } => {
-                Self::bad_request(message).with_param("input")
-            }
+            ModelError::InvalidInput { message, index } => Self::bad_request(message)
+                .with_param(index.map_or_else(|| "input".to_string(), |i| format!("input[{i}]"))),
             ModelError::Batch(b) => b.into(),
             ModelError::Internal(message) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
