@@ -9,6 +9,7 @@ use clap::Parser;
 use ember::config::{Cli, Command, LogFormat, ServeArgs};
 use ember::metrics::Metrics;
 use ember::registry::{self, ModelRegistry};
+use ember::repository::ModelSpec;
 use ember::server::{self, AppState, Health};
 use tracing_subscriber::EnvFilter;
 
@@ -20,7 +21,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
             init_logging(args.log_format);
-            set_compute_threads(&args);
+            let specs = match ember::repository::scan(&args.models) {
+                Ok(specs) => specs,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            set_compute_threads(&args, &specs);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -31,7 +39,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(args)) {
+            match runtime.block_on(serve(args, specs)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -46,14 +54,15 @@ fn main() -> ExitCode {
 /// so by default each gets an equal share of the cores; splitting a small op further costs more
 /// in synchronisation than it saves. Must run before any thread is started (it sets the
 /// environment, which candle reads).
-fn set_compute_threads(args: &ServeArgs) {
+fn set_compute_threads(args: &ServeArgs, specs: &[ModelSpec]) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = match args.compute_threads {
         0 => {
-            // The largest instance count decides; a repository error is reported later.
-            let instances = ember::repository::scan(&args.models)
-                .ok()
-                .and_then(|specs| specs.iter().map(|s| s.batching.instances).max())
+            // The largest instance count decides.
+            let instances = specs
+                .iter()
+                .map(|s| s.batching.instances)
+                .max()
                 .unwrap_or(1);
             (cores / instances).max(1)
         }
@@ -74,9 +83,8 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, specs: Vec<ModelSpec>) -> anyhow::Result<()> {
     let started = Instant::now();
-    let specs = ember::repository::scan(&args.models)?;
     let device = args.device.open()?;
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
