@@ -76,6 +76,18 @@ pub enum Pooling {
     Cls,
 }
 
+/// Arithmetic of an encoder's dense layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 weights on CPUs with AVX-512 BF16 (twice the f32 rate), f32 everywhere else.
+    #[default]
+    Auto,
+    F32,
+    /// bf16 weights and activations with f32 sums, on any CPU (slow without AVX-512 BF16).
+    Bf16,
+}
+
 /// Optional overrides for embedding models; by default everything comes from the model's own
 /// sentence-transformers files (`1_Pooling/config.json`, `modules.json`,
 /// `sentence_bert_config.json`).
@@ -85,6 +97,8 @@ pub struct EmbedOptions {
     pub pooling: Option<Pooling>,
     pub normalize: Option<bool>,
     pub max_seq_length: Option<usize>,
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 #[derive(Debug, Deserialize)]
@@ -275,6 +289,15 @@ mod tests {
         assert_eq!(spec.path, PathBuf::from("/repo/m/weights"));
         assert_eq!(spec.tier, Tier::Cloud);
         assert_eq!(spec.batching, BatchPolicy::default());
+        assert_eq!(spec.embed.precision, Precision::Auto);
+    }
+
+    #[test]
+    fn precision_is_read_and_checked() {
+        let spec = parse(&format!("{MINIMAL}[embed]\nprecision = \"f32\"\n")).unwrap();
+        assert_eq!(spec.embed.precision, Precision::F32);
+        let err = parse(&format!("{MINIMAL}[embed]\nprecision = \"fp8\"\n")).unwrap_err();
+        assert!(err.contains("precision = \"fp8\""), "{err}");
     }
 
     #[test]

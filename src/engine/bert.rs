@@ -2,9 +2,14 @@
 //! attention with a padding mask, and an exact-to-1e-7 GELU (erf) that vectorises on CPU, where
 //! candle's scalar `erf` was a tenth of the whole forward pass in the profile.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
+
+use super::bf16_linear::Bf16Linear;
+use crate::repository::Precision;
 
 /// The `config.json` fields this encoder reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -33,28 +38,49 @@ fn default_eps() -> f64 {
     1e-12
 }
 
-/// `x · Wᵀ + b`, with `Wᵀ` stored contiguous so the matmul reads it row by row.
+/// `x · Wᵀ + b`: f32 through candle's matmul, or the packed bf16 kernel on CPU.
 #[derive(Clone)]
-struct Linear {
-    weight_t: Tensor,
-    bias: Tensor,
+enum Linear {
+    /// `Wᵀ` stored contiguous so the matmul reads it row by row.
+    F32 {
+        weight_t: Tensor,
+        bias: Tensor,
+    },
+    Bf16(Arc<Bf16Linear>),
 }
 
 impl Linear {
-    fn load(vb: VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        inputs: usize,
+        outputs: usize,
+        bf16: bool,
+    ) -> candle_core::Result<Self> {
         let weight = vb.get((outputs, inputs), "weight")?;
-        Self::from_parts(&weight, vb.get(outputs, "bias")?)
+        Self::from_parts(&weight, vb.get(outputs, "bias")?, bf16)
     }
 
-    fn from_parts(weight: &Tensor, bias: Tensor) -> candle_core::Result<Self> {
-        Ok(Self {
+    fn from_parts(weight: &Tensor, bias: Tensor, bf16: bool) -> candle_core::Result<Self> {
+        if bf16 {
+            let (outputs, inputs) = weight.dims2()?;
+            return Ok(Self::Bf16(Arc::new(Bf16Linear::new(
+                &weight.flatten_all()?.to_vec1()?,
+                &bias.to_vec1()?,
+                outputs,
+                inputs,
+            ))));
+        }
+        Ok(Self::F32 {
             weight_t: weight.t()?.contiguous()?,
             bias,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.weight_t)?.broadcast_add(&self.bias)
+        match self {
+            Self::F32 { weight_t, bias } => x.matmul(weight_t)?.broadcast_add(bias),
+            Self::Bf16(layer) => x.contiguous()?.apply_op1_no_bwd(layer.as_ref()),
+        }
     }
 }
 
@@ -104,10 +130,24 @@ pub struct Bert {
     layers: Vec<Layer>,
     heads: usize,
     head_dim: usize,
+    /// What the dense layers run in: `F32` or `Bf16`, never `Auto`.
+    precision: Precision,
 }
 
 impl Bert {
-    pub fn load(vb: VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        config: &BertConfig,
+        precision: Precision,
+    ) -> candle_core::Result<Self> {
+        let bf16 = match precision {
+            Precision::F32 => false,
+            Precision::Auto => vb.device().is_cpu() && super::bf16_linear::native_supported(),
+            Precision::Bf16 if vb.device().is_cpu() => true,
+            Precision::Bf16 => candle_core::bail!(
+                "precision = \"bf16\" is implemented for CPU only; use \"f32\" or \"auto\" on CUDA"
+            ),
+        };
         if !matches!(config.hidden_act.as_str(), "gelu" | "gelu_python") {
             candle_core::bail!(
                 "hidden_act {:?} is not supported; this encoder implements \"gelu\" (erf)",
@@ -155,15 +195,16 @@ impl Bert {
                 0,
             )?;
             layers.push(Layer {
-                qkv: Linear::from_parts(&weight, bias)?,
-                attention_out: Linear::load(l.pp("attention.output.dense"), h, h)?,
+                qkv: Linear::from_parts(&weight, bias, bf16)?,
+                attention_out: Linear::load(l.pp("attention.output.dense"), h, h, bf16)?,
                 attention_norm: LayerNorm::load(l.pp("attention.output.LayerNorm"), h, eps)?,
                 intermediate: Linear::load(
                     l.pp("intermediate.dense"),
                     h,
                     config.intermediate_size,
+                    bf16,
                 )?,
-                output: Linear::load(l.pp("output.dense"), config.intermediate_size, h)?,
+                output: Linear::load(l.pp("output.dense"), config.intermediate_size, h, bf16)?,
                 output_norm: LayerNorm::load(l.pp("output.LayerNorm"), h, eps)?,
             });
         }
@@ -175,7 +216,16 @@ impl Bert {
             layers,
             heads: config.num_attention_heads,
             head_dim: h / config.num_attention_heads,
+            precision: if bf16 {
+                Precision::Bf16
+            } else {
+                Precision::F32
+            },
         })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// `ids` is `[batch, len]` (padded), `mask` `[batch, len]` with 1 for real tokens and 0 for

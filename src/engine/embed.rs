@@ -14,7 +14,7 @@ use tokenizers::{Tokenizer, TruncationParams};
 use super::bert::{Bert, BertConfig};
 use super::EngineError;
 use crate::batching::BatchEngine;
-use crate::repository::{EmbedOptions, Pooling};
+use crate::repository::{EmbedOptions, Pooling, Precision};
 
 /// What callers need to know about a loaded encoder.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +25,8 @@ pub struct EmbedInfo {
     pub pooling: Pooling,
     pub normalize: bool,
     pub parameters: usize,
+    /// What the dense layers run in, as resolved at load (`F32` or `Bf16`).
+    pub precision: Precision,
 }
 
 /// Text → token ids, with the model's truncation. Shared by request handlers off the runtime.
@@ -160,7 +162,8 @@ pub fn load(
     // Safety: the weights file is not modified while the server runs (it is mapped read-only).
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
         .map_err(|e| EngineError::file(&weights, e))?;
-    let model = Bert::load(vb, &config).map_err(|e| EngineError::file(&weights, e))?;
+    let model =
+        Bert::load(vb, &config, options.precision).map_err(|e| EngineError::file(&weights, e))?;
 
     let info = EmbedInfo {
         dimensions: config.hidden_size,
@@ -169,6 +172,7 @@ pub fn load(
         pooling,
         normalize,
         parameters,
+        precision: model.precision(),
     };
     Ok((
         BertEmbedder {

@@ -2,6 +2,7 @@
 //! folder onto a device and turns a batch of inputs into outputs.
 
 pub mod bert;
+mod bf16_linear;
 pub mod embed;
 
 use std::path::PathBuf;

@@ -108,8 +108,8 @@ pub async fn load(
         }
     };
     let seconds = started.elapsed().as_secs_f64();
-    let (name, parameters) = match &model {
-        LoadedModel::Embed(m) => (&m.spec().name, m.info().parameters),
+    let (name, parameters, precision) = match &model {
+        LoadedModel::Embed(m) => (&m.spec().name, m.info().parameters, m.info().precision),
     };
     metrics
         .model_load_seconds
@@ -119,6 +119,6 @@ pub async fn load(
         .model_parameters
         .with_label_values(&[name])
         .set(parameters as i64);
-    tracing::info!(model = %name, parameters, load_ms = (seconds * 1000.0).round(), "model loaded");
+    tracing::info!(model = %name, parameters, ?precision, load_ms = (seconds * 1000.0).round(), "model loaded");
     Ok(model)
 }
