@@ -20,6 +20,18 @@ const QUEUE_SECONDS: &[f64] = &[
 const INFERENCE_SECONDS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 ];
+/// Time to first token: a short prompt's prefill up to a long wait for admission.
+const TTFT_SECONDS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
+];
+/// Time per output token: a few milliseconds (small model, few streams) to a second.
+const TPOT_SECONDS: &[f64] = &[
+    0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0,
+];
+/// A whole generation: up to minutes for long outputs.
+const GENERATION_SECONDS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
 const BATCH_ITEMS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 const BATCH_TOKENS: &[f64] = &[
     16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0,
@@ -38,6 +50,31 @@ pub struct Metrics {
     pub model_load_seconds: prometheus::GaugeVec,
     pub model_parameters: IntGaugeVec,
     pub ready: IntGauge,
+    time_to_first_token_seconds: HistogramVec,
+    time_per_output_token_seconds: HistogramVec,
+    generation_duration_seconds: HistogramVec,
+    prompt_tokens_total: IntCounterVec,
+    generated_tokens_total: IntCounterVec,
+    running_sequences: IntGaugeVec,
+    kv_cache_tokens: IntGaugeVec,
+    kv_cache_usage_ratio: prometheus::GaugeVec,
+}
+
+/// The generation scheduler's metrics for one model, labels bound. Per-step figures (step
+/// duration, sequences and tokens per step, waiting requests, cancellations) reuse the batcher's
+/// metrics, so one dashboard reads both kinds of model.
+#[derive(Clone)]
+pub struct GenerateMetrics {
+    pub batch: BatcherMetrics,
+    pub time_to_first_token_seconds: Histogram,
+    pub time_per_output_token_seconds: Histogram,
+    pub generation_duration_seconds: Histogram,
+    pub prompt_tokens_total: IntCounter,
+    pub generated_tokens_total: IntCounter,
+    pub running_sequences: IntGauge,
+    /// Tokens of KV cache reserved by running sequences (prompt + max_tokens each).
+    pub kv_cache_tokens: IntGauge,
+    pub kv_cache_usage_ratio: prometheus::Gauge,
 }
 
 /// The batcher's metrics for one model, with the label already bound so the hot path does no
@@ -135,6 +172,58 @@ impl Metrics {
                 "1 when every model is loaded and the server is not draining.",
             )
             .expect("valid gauge"),
+            time_to_first_token_seconds: histogram(
+                "ember_time_to_first_token_seconds",
+                "From a generation request's arrival to its first generated token.",
+                TTFT_SECONDS,
+                &["model"],
+            ),
+            time_per_output_token_seconds: histogram(
+                "ember_time_per_output_token_seconds",
+                "Mean time between generated tokens after the first, per request.",
+                TPOT_SECONDS,
+                &["model"],
+            ),
+            generation_duration_seconds: histogram(
+                "ember_generation_duration_seconds",
+                "A generation request end to end, arrival to last token.",
+                GENERATION_SECONDS,
+                &["model"],
+            ),
+            prompt_tokens_total: IntCounterVec::new(
+                Opts::new("ember_prompt_tokens_total", "Prompt tokens prefilled."),
+                &["model"],
+            )
+            .expect("valid counter"),
+            generated_tokens_total: IntCounterVec::new(
+                Opts::new("ember_generated_tokens_total", "Tokens generated."),
+                &["model"],
+            )
+            .expect("valid counter"),
+            running_sequences: IntGaugeVec::new(
+                Opts::new(
+                    "ember_running_sequences",
+                    "Sequences admitted and decoding (waiting ones are ember_queue_depth_items).",
+                ),
+                &["model"],
+            )
+            .expect("valid gauge"),
+            kv_cache_tokens: IntGaugeVec::new(
+                Opts::new(
+                    "ember_kv_cache_tokens",
+                    "KV-cache tokens reserved by running sequences.",
+                ),
+                &["model"],
+            )
+            .expect("valid gauge"),
+            kv_cache_usage_ratio: prometheus::GaugeVec::new(
+                Opts::new(
+                    "ember_kv_cache_usage_ratio",
+                    "Reserved KV-cache tokens over the model's max_total_tokens.",
+                ),
+                &["model"],
+            )
+            .expect("valid gauge"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -149,6 +238,14 @@ impl Metrics {
             Box::new(m.model_load_seconds.clone()),
             Box::new(m.model_parameters.clone()),
             Box::new(m.ready.clone()),
+            Box::new(m.time_to_first_token_seconds.clone()),
+            Box::new(m.time_per_output_token_seconds.clone()),
+            Box::new(m.generation_duration_seconds.clone()),
+            Box::new(m.prompt_tokens_total.clone()),
+            Box::new(m.generated_tokens_total.clone()),
+            Box::new(m.running_sequences.clone()),
+            Box::new(m.kv_cache_tokens.clone()),
+            Box::new(m.kv_cache_usage_ratio.clone()),
         ];
         for c in collectors {
             m.registry
@@ -166,6 +263,21 @@ impl Metrics {
             batch_size_tokens: self.batch_size_tokens.with_label_values(&[model]),
             queue_depth_items: self.queue_depth_items.with_label_values(&[model]),
             cancelled_items_total: self.cancelled_items_total.with_label_values(&[model]),
+        }
+    }
+
+    pub fn generate(&self, model: &str) -> GenerateMetrics {
+        let l = &[model];
+        GenerateMetrics {
+            batch: self.batcher(model),
+            time_to_first_token_seconds: self.time_to_first_token_seconds.with_label_values(l),
+            time_per_output_token_seconds: self.time_per_output_token_seconds.with_label_values(l),
+            generation_duration_seconds: self.generation_duration_seconds.with_label_values(l),
+            prompt_tokens_total: self.prompt_tokens_total.with_label_values(l),
+            generated_tokens_total: self.generated_tokens_total.with_label_values(l),
+            running_sequences: self.running_sequences.with_label_values(l),
+            kv_cache_tokens: self.kv_cache_tokens.with_label_values(l),
+            kv_cache_usage_ratio: self.kv_cache_usage_ratio.with_label_values(l),
         }
     }
 
@@ -189,5 +301,12 @@ impl BatcherMetrics {
     /// Metrics bound to a registry nobody reads, for tests of the batcher alone.
     pub fn detached() -> Self {
         Metrics::new().batcher("test")
+    }
+}
+
+impl GenerateMetrics {
+    /// Metrics bound to a registry nobody reads, for tests of the scheduler alone.
+    pub fn detached() -> Self {
+        Metrics::new().generate("test")
     }
 }

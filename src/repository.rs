@@ -68,6 +68,39 @@ impl Default for BatchPolicy {
     }
 }
 
+/// Continuous-batching knobs of a generation model. Defaults suit a small model on a 2-core CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeneratePolicy {
+    /// Most sequences decoding together (one batched forward pass per step).
+    pub max_concurrent_sequences: usize,
+    /// The KV-cache budget in tokens, summed over running sequences (each reserves its prompt
+    /// plus `max_tokens`); admission waits while it is spent.
+    pub max_total_tokens: usize,
+    /// Most prompt tokens one step takes from one sequence, so a long prompt cannot stall the
+    /// running streams for its whole prefill.
+    pub prefill_chunk: usize,
+    /// Requests waiting for admission; past it the server answers 503 at once.
+    pub max_waiting: usize,
+    /// `max_tokens` when a request gives none (capped by what fits in the context).
+    pub default_max_tokens: usize,
+    /// Caps the context below the model's own (0 = the model's).
+    pub context_length: usize,
+}
+
+impl Default for GeneratePolicy {
+    fn default() -> Self {
+        Self {
+            max_concurrent_sequences: 16,
+            max_total_tokens: 32768,
+            prefill_chunk: 256,
+            max_waiting: 64,
+            default_max_tokens: 256,
+            context_length: 0,
+        }
+    }
+}
+
 /// Pooling of token states into one sentence vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -109,10 +142,9 @@ struct ModelToml {
     path: PathBuf,
     #[serde(default)]
     tier: Tier,
-    #[serde(default)]
-    batching: BatchPolicy,
-    #[serde(default)]
-    embed: EmbedOptions,
+    batching: Option<BatchPolicy>,
+    embed: Option<EmbedOptions>,
+    generate: Option<GeneratePolicy>,
 }
 
 /// One model of the repository, validated.
@@ -127,6 +159,7 @@ pub struct ModelSpec {
     pub tier: Tier,
     pub batching: BatchPolicy,
     pub embed: EmbedOptions,
+    pub generate: GeneratePolicy,
     /// The `model.toml` this came from, for error messages.
     pub config_file: PathBuf,
 }
@@ -200,14 +233,29 @@ fn parse_spec(
     // toml's message names the key and shows the offending line.
     let raw: ModelToml =
         toml::from_str(text).map_err(|e| RepositoryError::invalid(file, e.to_string().trim()))?;
+    // A table for another task would be silently ignored: say so instead.
+    let misplaced = match raw.task {
+        Task::Generate => [
+            ("batching", raw.batching.is_some()),
+            ("embed", raw.embed.is_some()),
+        ],
+        _ => [("generate", raw.generate.is_some()), ("", false)],
+    };
+    if let Some((table, _)) = misplaced.iter().find(|(_, present)| *present) {
+        return Err(RepositoryError::invalid(
+            file,
+            format!("table `[{table}]` does not apply to task {:?}", raw.task).to_lowercase(),
+        ));
+    }
     let spec = ModelSpec {
         name: name.to_string(),
         task: raw.task,
         format: raw.format,
         path: folder.join(&raw.path),
         tier: raw.tier,
-        batching: raw.batching,
-        embed: raw.embed,
+        batching: raw.batching.unwrap_or_default(),
+        embed: raw.embed.unwrap_or_default(),
+        generate: raw.generate.unwrap_or_default(),
         config_file: file.to_path_buf(),
     };
     validate(&spec).map_err(|message| RepositoryError::invalid(file, message))?;
@@ -255,14 +303,34 @@ fn validate(spec: &ModelSpec) -> Result<(), String> {
     if spec.embed.max_seq_length == Some(0) {
         return Err("key `embed.max_seq_length` must be at least 1".into());
     }
+    let g = &spec.generate;
+    let positive = [
+        (
+            "generate.max_concurrent_sequences",
+            g.max_concurrent_sequences,
+        ),
+        ("generate.max_total_tokens", g.max_total_tokens),
+        ("generate.prefill_chunk", g.prefill_chunk),
+        ("generate.max_waiting", g.max_waiting),
+        ("generate.default_max_tokens", g.default_max_tokens),
+    ];
+    for (key, value) in positive {
+        if value == 0 {
+            return Err(format!("key `{key}` must be at least 1"));
+        }
+    }
     match (spec.task, spec.format) {
-        (Task::Embed, Format::Safetensors) => Ok(()),
+        (Task::Embed, Format::Safetensors) | (Task::Generate, Format::Gguf) => Ok(()),
         (Task::Embed, other) => Err(format!(
             "key `format`: task \"embed\" needs format \"safetensors\", not {other:?}"
         )
         .to_lowercase()),
+        (Task::Generate, other) => Err(format!(
+            "key `format`: task \"generate\" needs format \"gguf\", not {other:?}"
+        )
+        .to_lowercase()),
         (task, _) => Err(format!(
-            "key `task`: {task:?} models are not supported by this build yet; supported: \"embed\""
+            "key `task`: {task:?} models are not supported by this build yet; supported: \"embed\", \"generate\""
         )),
     }
 }
@@ -290,6 +358,23 @@ mod tests {
         assert_eq!(spec.tier, Tier::Cloud);
         assert_eq!(spec.batching, BatchPolicy::default());
         assert_eq!(spec.embed.precision, Precision::Auto);
+    }
+
+    #[test]
+    fn generate_models_take_a_generate_table_only() {
+        let gen = "task = \"generate\"\nformat = \"gguf\"\npath = \"m.gguf\"\n";
+        let spec = parse(&format!("{gen}[generate]\nmax_concurrent_sequences = 4\n")).unwrap();
+        assert_eq!(spec.generate.max_concurrent_sequences, 4);
+        assert_eq!(
+            spec.generate.prefill_chunk,
+            GeneratePolicy::default().prefill_chunk
+        );
+        let err = parse(&format!("{gen}[batching]\nmax_batch_size = 4\n")).unwrap_err();
+        assert!(err.contains("[batching]"), "{err}");
+        let err = parse(&format!("{gen}[generate]\nprefill_chunk = 0\n")).unwrap_err();
+        assert!(err.contains("generate.prefill_chunk"), "{err}");
+        let err = parse("task = \"generate\"\nformat = \"onnx\"\npath = \"m\"\n").unwrap_err();
+        assert!(err.contains("gguf"), "{err}");
     }
 
     #[test]

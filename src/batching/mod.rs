@@ -4,6 +4,7 @@
 //! loop and hands each batch to the model's own OS thread, so compute never runs on the runtime.
 
 pub mod queue;
+pub mod scheduler;
 pub mod worker;
 
 pub use worker::{Batcher, Reply};

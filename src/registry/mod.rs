@@ -2,27 +2,32 @@
 //! (tokenising, validating, queueing, gathering). No HTTP here: routes call these methods.
 
 pub mod embed;
+pub mod generate;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 pub use embed::{EmbedInput, Embedding, EmbeddingModel};
+pub use generate::{GenerateParams, Generation, GenerationModel, Prompt};
 
 use crate::batching::BatchError;
 use crate::engine::EngineError;
 use crate::metrics::Metrics;
 use crate::repository::{ModelSpec, Task};
 
-/// A loaded model of one of the supported families.
+/// A loaded model of one of the supported families; cloning shares it.
+#[derive(Clone)]
 pub enum LoadedModel {
-    Embed(EmbeddingModel),
+    Embed(Arc<EmbeddingModel>),
+    Generate(Arc<GenerationModel>),
 }
 
 impl LoadedModel {
     pub fn spec(&self) -> &ModelSpec {
         match self {
             Self::Embed(m) => m.spec(),
+            Self::Generate(m) => m.spec(),
         }
     }
 }
@@ -36,6 +41,12 @@ pub enum ModelError {
         index: Option<usize>,
         message: String,
     },
+    /// A request parameter is out of range or does not fit the model.
+    #[error("{message}")]
+    InvalidParameter {
+        param: &'static str,
+        message: String,
+    },
     #[error(transparent)]
     Batch(#[from] BatchError),
     #[error("{0}")]
@@ -45,11 +56,11 @@ pub enum ModelError {
 /// Every model the server knows, by name.
 #[derive(Default)]
 pub struct ModelRegistry {
-    models: RwLock<BTreeMap<String, Arc<LoadedModel>>>,
+    models: RwLock<BTreeMap<String, LoadedModel>>,
 }
 
 impl ModelRegistry {
-    pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
+    pub fn get(&self, name: &str) -> Option<LoadedModel> {
         self.models
             .read()
             .expect("registry lock")
@@ -58,7 +69,7 @@ impl ModelRegistry {
     }
 
     /// Loaded models, sorted by name.
-    pub fn list(&self) -> Vec<Arc<LoadedModel>> {
+    pub fn list(&self) -> Vec<LoadedModel> {
         self.models
             .read()
             .expect("registry lock")
@@ -72,7 +83,7 @@ impl ModelRegistry {
         self.models
             .write()
             .expect("registry lock")
-            .insert(name, Arc::new(model));
+            .insert(name, model);
     }
 }
 
@@ -93,14 +104,27 @@ pub async fn load(
             })
             .await
             .map_err(|e| EngineError::Device(format!("model loading thread failed: {e}")))??;
-            LoadedModel::Embed(EmbeddingModel::start(
+            LoadedModel::Embed(Arc::new(EmbeddingModel::start(
                 spec,
                 embedder,
                 tokenizer,
                 batcher_metrics,
-            )?)
+            )?))
         }
-        Task::Generate | Task::Tensor => {
+        Task::Generate => {
+            let generate_metrics = metrics.generate(&spec.name);
+            let (generator, spec) = tokio::task::spawn_blocking(move || {
+                crate::engine::generate::load(&spec.path, &device).map(|g| (g, spec))
+            })
+            .await
+            .map_err(|e| EngineError::Device(format!("model loading thread failed: {e}")))??;
+            LoadedModel::Generate(Arc::new(GenerationModel::start(
+                spec,
+                generator,
+                generate_metrics,
+            )?))
+        }
+        Task::Tensor => {
             return Err(EngineError::file(
                 &spec.config_file,
                 format!("task {:?} is not supported by this build", spec.task),
@@ -108,8 +132,22 @@ pub async fn load(
         }
     };
     let seconds = started.elapsed().as_secs_f64();
-    let (name, parameters, precision) = match &model {
-        LoadedModel::Embed(m) => (&m.spec().name, m.info().parameters, m.info().precision),
+    let (name, parameters, detail) = match &model {
+        LoadedModel::Embed(m) => (
+            &m.spec().name,
+            m.info().parameters,
+            format!("{:?} dense layers", m.info().precision),
+        ),
+        LoadedModel::Generate(m) => (
+            &m.spec().name,
+            m.info().parameters,
+            format!(
+                "{} {}, context {}",
+                m.info().architecture,
+                m.info().quantization,
+                m.context_length()
+            ),
+        ),
     };
     metrics
         .model_load_seconds
@@ -119,6 +157,6 @@ pub async fn load(
         .model_parameters
         .with_label_values(&[name])
         .set(parameters as i64);
-    tracing::info!(model = %name, parameters, ?precision, load_ms = (seconds * 1000.0).round(), "model loaded");
+    tracing::info!(model = %name, parameters, %detail, load_ms = (seconds * 1000.0).round(), "model loaded");
     Ok(model)
 }

@@ -100,6 +100,9 @@ impl From<ModelError> for ApiError {
         match e {
             ModelError::InvalidInput { message, index } => Self::bad_request(message)
                 .with_param(index.map_or_else(|| "input".to_string(), |i| format!("input[{i}]"))),
+            ModelError::InvalidParameter { param, message } => {
+                Self::bad_request(message).with_param(param)
+            }
             ModelError::Batch(b) => b.into(),
             ModelError::Internal(message) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)

@@ -26,6 +26,22 @@ pub fn minilm_weights() -> PathBuf {
     dir
 }
 
+pub const SMOLLM: &str = "SmolLM2-135M-Instruct";
+
+/// The real SmolLM2-135M-Instruct GGUF; fails loudly, saying what to run, when it is missing.
+pub fn smollm_gguf() -> PathBuf {
+    let file = repo_root()
+        .join("models")
+        .join(SMOLLM)
+        .join("weights/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        file.is_file(),
+        "the SmolLM2 GGUF is missing at {}: run `models/fetch.sh` first (scripts/test.sh does)",
+        file.display()
+    );
+    file
+}
+
 /// A throw-away model repository holding the demo encoder under `name` with this `[batching]`
 /// table (TOML lines), pointing at the real weights.
 pub fn repository_with(models: &[(&str, &str)]) -> PathBuf {

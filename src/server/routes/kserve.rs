@@ -1,5 +1,7 @@
-//! KServe v2 Open Inference Protocol: server and model metadata, readiness, and `infer` with a
-//! BYTES tensor of texts in and an FP32 tensor of embeddings out.
+//! KServe v2 Open Inference Protocol: server and model metadata, readiness, and `infer`. An
+//! embedding model takes a BYTES tensor of texts and returns an FP32 tensor of vectors; a
+//! generation model takes one BYTES prompt (`text_input`, with sampling in the request's
+//! `parameters`) and returns one BYTES `text_output`, as Triton's generation backends do.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -9,14 +11,18 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{as_embedder, embedding_model, Labeled};
-use crate::registry::EmbedInput;
+use super::completions::{collect, SamplingFields};
+use super::{lookup, Labeled};
+use crate::registry::{EmbedInput, EmbeddingModel, GenerationModel, LoadedModel, Prompt};
 use crate::server::error::{parse_json, ApiError, KServeError};
 use crate::server::AppState;
 
 /// The input and output tensor names of embedding models.
 const TEXT_INPUT: &str = "text";
 const EMBEDDING_OUTPUT: &str = "embedding";
+/// The input and output tensor names of generation models.
+const PROMPT_INPUT: &str = "text_input";
+const GENERATED_OUTPUT: &str = "text_output";
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -45,14 +51,38 @@ async fn model_metadata(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, KServeError> {
-    let model = embedding_model(&state, &name)?;
-    let dims = as_embedder(&model).info().dimensions as i64;
+    let (inputs, outputs) = match lookup(&state, &name)? {
+        LoadedModel::Embed(m) => (
+            TensorMetadata {
+                name: TEXT_INPUT,
+                datatype: "BYTES",
+                shape: vec![-1],
+            },
+            TensorMetadata {
+                name: EMBEDDING_OUTPUT,
+                datatype: "FP32",
+                shape: vec![-1, m.info().dimensions as i64],
+            },
+        ),
+        LoadedModel::Generate(_) => (
+            TensorMetadata {
+                name: PROMPT_INPUT,
+                datatype: "BYTES",
+                shape: vec![1],
+            },
+            TensorMetadata {
+                name: GENERATED_OUTPUT,
+                datatype: "BYTES",
+                shape: vec![1],
+            },
+        ),
+    };
     Ok(Json(json!({
         "name": name,
         "versions": ["1"],
         "platform": "ember_candle",
-        "inputs": [TensorMetadata { name: TEXT_INPUT, datatype: "BYTES", shape: vec![-1] }],
-        "outputs": [TensorMetadata { name: EMBEDDING_OUTPUT, datatype: "FP32", shape: vec![-1, dims] }],
+        "inputs": [inputs],
+        "outputs": [outputs],
     })))
 }
 
@@ -60,7 +90,7 @@ async fn model_ready(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, KServeError> {
-    embedding_model(&state, &name)?;
+    lookup(&state, &name)?;
     Ok(Json(json!({ "name": name, "ready": true })))
 }
 
@@ -69,8 +99,7 @@ struct InferRequest {
     id: Option<String>,
     inputs: Vec<InferInput>,
     outputs: Option<Vec<RequestedOutput>>,
-    #[serde(default, rename = "parameters")]
-    _parameters: Option<serde_json::Map<String, Value>>,
+    parameters: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +121,8 @@ struct InferResponse {
     model_version: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
     outputs: Vec<OutputTensor>,
 }
 
@@ -99,8 +130,15 @@ struct InferResponse {
 struct OutputTensor {
     name: &'static str,
     datatype: &'static str,
-    shape: [usize; 2],
-    data: Vec<f32>,
+    shape: Vec<usize>,
+    data: TensorData,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum TensorData {
+    Fp32(Vec<f32>),
+    Bytes(Vec<String>),
 }
 
 async fn infer(
@@ -119,19 +157,33 @@ async fn run_infer(
     body: Result<Bytes, BytesRejection>,
     label: &mut Option<String>,
 ) -> Result<InferResponse, ApiError> {
-    let model = embedding_model(state, name)?;
+    let model = lookup(state, name)?;
     *label = Some(name.to_string());
     let req: InferRequest = parse_json(body)?;
-    let texts = texts_from(&req.inputs)?;
-    if let Some(outputs) = &req.outputs {
-        if let Some(bad) = outputs.iter().find(|o| o.name != EMBEDDING_OUTPUT) {
-            return Err(ApiError::bad_request(format!(
-                "unknown output {:?}; model {name} has one output, {EMBEDDING_OUTPUT:?}",
-                bad.name
-            )));
-        }
+    match model {
+        LoadedModel::Embed(m) => infer_embed(&m, name, req).await,
+        LoadedModel::Generate(m) => infer_generate(&m, name, req).await,
     }
-    let embedder = as_embedder(&model);
+}
+
+/// Refuses a requested output the model does not have.
+fn check_outputs(req: &InferRequest, name: &str, only: &str) -> Result<(), ApiError> {
+    if let Some(bad) = req.outputs.iter().flatten().find(|o| o.name != only) {
+        return Err(ApiError::bad_request(format!(
+            "unknown output {:?}; model {name} has one output, {only:?}",
+            bad.name
+        )));
+    }
+    Ok(())
+}
+
+async fn infer_embed(
+    embedder: &EmbeddingModel,
+    name: &str,
+    req: InferRequest,
+) -> Result<InferResponse, ApiError> {
+    let texts = texts_from(&req.inputs, TEXT_INPUT)?;
+    check_outputs(&req, name, EMBEDDING_OUTPUT)?;
     let n = texts.len();
     let results = embedder
         .embed(texts.into_iter().map(EmbedInput::Text).collect())
@@ -145,27 +197,73 @@ async fn run_infer(
         model_name: name.to_string(),
         model_version: "1",
         id: req.id,
+        parameters: None,
         outputs: vec![OutputTensor {
             name: EMBEDDING_OUTPUT,
             datatype: "FP32",
-            shape: [n, dims],
-            data,
+            shape: vec![n, dims],
+            data: TensorData::Fp32(data),
+        }],
+    })
+}
+
+/// One prompt in, one text out; sampling comes from the request's `parameters` under the
+/// OpenAI names (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`, penalties).
+async fn infer_generate(
+    model: &GenerationModel,
+    name: &str,
+    req: InferRequest,
+) -> Result<InferResponse, ApiError> {
+    let mut texts = texts_from(&req.inputs, PROMPT_INPUT)?;
+    if texts.len() != 1 {
+        return Err(ApiError::bad_request(format!(
+            "input {PROMPT_INPUT:?} holds {} prompts; send one (shape [1])",
+            texts.len()
+        )));
+    }
+    check_outputs(&req, name, GENERATED_OUTPUT)?;
+    let fields: SamplingFields = match req.parameters {
+        None => SamplingFields::default(),
+        Some(map) => serde_json::from_value(Value::Object(map))
+            .map_err(|e| ApiError::bad_request(format!("parameters: {e}")))?,
+    };
+    let generation = model
+        .generate(Prompt::Text(texts.remove(0)), fields.into_params()?)
+        .await?;
+    let whole = collect(generation).await?;
+    Ok(InferResponse {
+        model_name: name.to_string(),
+        model_version: "1",
+        id: req.id,
+        parameters: Some(json!({
+            "finish_reason": match whole.finish {
+                crate::batching::scheduler::FinishReason::Stop => "stop",
+                crate::batching::scheduler::FinishReason::Length => "length",
+            },
+            "prompt_tokens": whole.prompt_tokens,
+            "completion_tokens": whole.completion_tokens,
+        })),
+        outputs: vec![OutputTensor {
+            name: GENERATED_OUTPUT,
+            datatype: "BYTES",
+            shape: vec![1],
+            data: TensorData::Bytes(vec![whole.text]),
         }],
     })
 }
 
 /// The texts of the one BYTES input, checked against its declared shape.
-fn texts_from(inputs: &[InferInput]) -> Result<Vec<String>, ApiError> {
+fn texts_from(inputs: &[InferInput], expected: &str) -> Result<Vec<String>, ApiError> {
     let [input] = inputs else {
         return Err(ApiError::bad_request(format!(
-            "expected exactly one input tensor ({TEXT_INPUT:?}, BYTES), got {}",
+            "expected exactly one input tensor ({expected:?}, BYTES), got {}",
             inputs.len()
         )));
     };
     let at = |message: String| ApiError::bad_request(format!("input {:?}: {message}", input.name));
-    if input.name != TEXT_INPUT {
+    if input.name != expected {
         return Err(at(format!(
-            "unknown input; this model's input is {TEXT_INPUT:?}"
+            "unknown input; this model's input is {expected:?}"
         )));
     }
     if input.datatype != "BYTES" {

@@ -1,5 +1,6 @@
 //! Routes by API: OpenAI-compatible (`/v1`), KServe v2 (`/v2`), health and metrics.
 
+mod completions;
 mod health;
 mod kserve;
 mod openai;
@@ -14,6 +15,7 @@ use super::AppState;
 pub fn router() -> Router<AppState> {
     Router::new()
         .merge(openai::router())
+        .merge(completions::router())
         .merge(kserve::router())
         .merge(health::router())
         .fallback(not_found)
@@ -28,25 +30,55 @@ async fn not_found(req: Request) -> Response {
 
 use std::sync::Arc;
 
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 
 use super::ModelLabel;
-use crate::registry::{EmbeddingModel, LoadedModel};
+use crate::registry::{EmbeddingModel, GenerationModel, LoadedModel};
 
-/// Looks a model up and checks it can embed.
-fn embedding_model(state: &AppState, name: &str) -> Result<Arc<LoadedModel>, ApiError> {
-    let model = state
+fn lookup(state: &AppState, name: &str) -> Result<LoadedModel, ApiError> {
+    state
         .registry
         .get(name)
-        .ok_or_else(|| ApiError::model_not_found(name))?;
-    match &*model {
-        LoadedModel::Embed(_) => Ok(model),
+        .ok_or_else(|| ApiError::model_not_found(name))
+}
+
+/// The task a model serves, as the API names it.
+fn task_name(model: &LoadedModel) -> &'static str {
+    match model {
+        LoadedModel::Embed(_) => "embed",
+        LoadedModel::Generate(_) => "generate",
     }
 }
 
-fn as_embedder(model: &LoadedModel) -> &EmbeddingModel {
-    match model {
-        LoadedModel::Embed(m) => m,
+/// A served model asked for the wrong kind of work: say which routes it does serve.
+fn wrong_task(name: &str, model: &LoadedModel) -> ApiError {
+    let routes = match model {
+        LoadedModel::Embed(_) => "/v1/embeddings",
+        LoadedModel::Generate(_) => "/v1/chat/completions and /v1/completions",
+    };
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "wrong_model_task",
+        format!(
+            "model {name:?} is a {} model; use {routes}",
+            task_name(model)
+        ),
+    )
+    .with_param("model")
+}
+
+fn embedding_model(state: &AppState, name: &str) -> Result<Arc<EmbeddingModel>, ApiError> {
+    match lookup(state, name)? {
+        LoadedModel::Embed(m) => Ok(m),
+        other => Err(wrong_task(name, &other)),
+    }
+}
+
+fn generation_model(state: &AppState, name: &str) -> Result<Arc<GenerationModel>, ApiError> {
+    match lookup(state, name)? {
+        LoadedModel::Generate(m) => Ok(m),
+        other => Err(wrong_task(name, &other)),
     }
 }
 

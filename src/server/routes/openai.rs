@@ -9,8 +9,8 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{as_embedder, embedding_model, Labeled};
-use crate::registry::{EmbedInput, LoadedModel};
+use super::{embedding_model, task_name, Labeled};
+use crate::registry::EmbedInput;
 use crate::server::error::{parse_json, ApiError, OpenAiError};
 use crate::server::AppState;
 
@@ -78,9 +78,8 @@ async fn embed(
     label: &mut Option<String>,
 ) -> Result<EmbeddingsResponse, ApiError> {
     let req: EmbeddingsRequest = parse_json(body)?;
-    let model = embedding_model(state, &req.model)?;
+    let embedder = embedding_model(state, &req.model)?;
     *label = Some(req.model.clone());
-    let embedder = as_embedder(&model);
     let dims = embedder.info().dimensions;
     if let Some(d) = req.dimensions {
         if d != dims as u64 {
@@ -230,9 +229,7 @@ async fn models(State(state): State<AppState>) -> Json<ModelList> {
                 object: "model",
                 created: 0,
                 owned_by: "ember",
-                task: match &**m {
-                    LoadedModel::Embed(_) => "embed",
-                },
+                task: task_name(m),
                 tier: match spec.tier {
                     crate::repository::Tier::Edge => "edge",
                     crate::repository::Tier::Cloud => "cloud",

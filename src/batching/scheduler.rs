@@ -1,0 +1,396 @@
+//! Continuous batching for generation. One OS thread owns the decoder and every running
+//! sequence. Each step it drops sequences whose client left, admits waiting requests while the
+//! sequence and KV-token budgets allow, and runs **one** forward pass over a chunk from every
+//! sequence: the next token of each decoding one and a bounded slice of prompt from prefilling
+//! ones. Sequences leave the moment they finish, stop or are cancelled; new ones join between steps.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::BatchError;
+use crate::engine::generate::{Sampler, SamplingParams, TextStream};
+use crate::metrics::GenerateMetrics;
+use crate::repository::GeneratePolicy;
+
+/// What the scheduler needs from a model: caches, one batched forward pass, and its vocabulary.
+pub trait Decoder: Send + 'static {
+    type Cache: Send;
+    fn new_cache(&self, capacity: usize) -> Result<Self::Cache, String>;
+    /// Appends each chunk's tokens to its cache; one logits row per chunk with `want_logits`.
+    fn forward(&self, chunks: &mut [DecodeChunk<'_, Self::Cache>])
+        -> Result<Vec<Vec<f32>>, String>;
+    /// Bytes a token adds to the generated text.
+    fn piece(&self, token: u32) -> &[u8];
+    fn is_end_of_generation(&self, token: u32) -> bool;
+}
+
+pub struct DecodeChunk<'a, C> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut C,
+    pub want_logits: bool,
+}
+
+/// One generation request, already tokenised and validated.
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub events: UnboundedSender<Event>,
+    pub arrived: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New text (never empty), and the tokens produced since the last event.
+    Text {
+        text: String,
+        tokens: usize,
+    },
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// The submitting side; cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    model: String,
+    tx: mpsc::Sender<GenerationRequest>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+}
+
+impl Scheduler {
+    pub fn spawn<D: Decoder>(
+        model: &str,
+        decoder: D,
+        policy: GeneratePolicy,
+        metrics: GenerateMetrics,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let worker = Worker {
+            decoder,
+            policy,
+            metrics,
+            rx,
+            waiting: waiting.clone(),
+            queue: VecDeque::new(),
+            running: Vec::new(),
+            reserved: 0,
+        };
+        std::thread::Builder::new()
+            .name(format!("ember-generate-{model}"))
+            .spawn(move || worker.run())?;
+        Ok(Self {
+            model: model.to_string(),
+            tx,
+            waiting,
+            max_waiting: policy.max_waiting,
+        })
+    }
+
+    /// Queues a request; answers at once when too many are already waiting.
+    pub fn submit(&self, request: GenerationRequest) -> Result<(), BatchError> {
+        let before = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if before >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(BatchError::QueueFull {
+                model: self.model.clone(),
+                capacity: self.max_waiting,
+            });
+        }
+        self.tx.send(request).map_err(|_| {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            BatchError::Stopped(self.model.clone())
+        })
+    }
+}
+
+struct Sequence<C> {
+    request: GenerationRequest,
+    cache: C,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// The token to feed next once prefill is done.
+    next: Option<u32>,
+    generated: usize,
+    sampler: Sampler,
+    text: TextStream,
+    first_token_at: Option<Instant>,
+    /// Tokens produced since the last text event.
+    unsent_tokens: usize,
+    reserve: usize,
+}
+
+struct Worker<D: Decoder> {
+    decoder: D,
+    policy: GeneratePolicy,
+    metrics: GenerateMetrics,
+    rx: mpsc::Receiver<GenerationRequest>,
+    waiting: Arc<AtomicUsize>,
+    queue: VecDeque<GenerationRequest>,
+    running: Vec<Sequence<D::Cache>>,
+    /// KV tokens reserved by running sequences.
+    reserved: usize,
+}
+
+impl<D: Decoder> Worker<D> {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.queue.is_empty() {
+                // Idle: sleep until a request comes; every sender gone means shutdown.
+                match self.rx.recv() {
+                    Ok(r) => self.queue.push_back(r),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(r) = self.rx.try_recv() {
+                self.queue.push_back(r);
+            }
+            self.drop_cancelled();
+            self.admit();
+            self.publish_gauges();
+            if !self.running.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.queue.len();
+        self.queue.retain(|r| !r.events.is_closed());
+        let gone_waiting = before - self.queue.len();
+        self.waiting.fetch_sub(gone_waiting, Ordering::SeqCst);
+        let before = self.running.len();
+        let mut freed = 0;
+        self.running.retain(|s| {
+            let keep = !s.request.events.is_closed();
+            if !keep {
+                freed += s.reserve;
+            }
+            keep
+        });
+        self.reserved -= freed;
+        let cancelled = gone_waiting + before - self.running.len();
+        self.metrics
+            .batch
+            .cancelled_items_total
+            .inc_by(cancelled as u64);
+    }
+
+    /// First come, first admitted: the head of the queue waits for room rather than being
+    /// overtaken, so a large request cannot starve.
+    fn admit(&mut self) {
+        while self.running.len() < self.policy.max_concurrent_sequences {
+            let Some(head) = self.queue.front() else {
+                break;
+            };
+            let reserve = head.prompt.len() + head.max_tokens;
+            if self.reserved + reserve > self.policy.max_total_tokens && !self.running.is_empty() {
+                break;
+            }
+            let request = self.queue.pop_front().expect("front exists");
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.metrics
+                .batch
+                .queue_duration_seconds
+                .observe(request.arrived.elapsed().as_secs_f64());
+            let cache = match self.decoder.new_cache(reserve) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = request.events.send(Event::Failed(e));
+                    continue;
+                }
+            };
+            self.reserved += reserve;
+            let sampler = Sampler::new(request.sampling.clone(), &request.prompt);
+            let text = TextStream::new(request.stop.clone());
+            self.running.push(Sequence {
+                request,
+                cache,
+                prefilled: 0,
+                next: None,
+                generated: 0,
+                sampler,
+                text,
+                first_token_at: None,
+                unsent_tokens: 0,
+                reserve,
+            });
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.metrics;
+        m.batch.queue_depth_items.set(self.queue.len() as i64);
+        m.running_sequences.set(self.running.len() as i64);
+        m.kv_cache_tokens.set(self.reserved as i64);
+        m.kv_cache_usage_ratio
+            .set(self.reserved as f64 / self.policy.max_total_tokens as f64);
+    }
+
+    fn step(&mut self) {
+        let started = Instant::now();
+        // Prompt tokens this step may take, shared first come first served.
+        let mut prefill_budget = self.policy.prefill_chunk;
+        let mut plan: Vec<(usize, usize, bool)> = Vec::with_capacity(self.running.len());
+        for (i, s) in self.running.iter().enumerate() {
+            if let Some(_token) = s.next {
+                plan.push((i, 1, true));
+            } else if prefill_budget > 0 {
+                let left = s.request.prompt.len() - s.prefilled;
+                let take = left.min(prefill_budget);
+                prefill_budget -= take;
+                plan.push((i, take, take == left));
+            }
+        }
+        let tokens: usize = plan.iter().map(|p| p.1).sum();
+        let outcome = {
+            let mut chunks = Vec::with_capacity(plan.len());
+            let mut planned = plan.iter().peekable();
+            for (i, s) in self.running.iter_mut().enumerate() {
+                let Some(&&(_, take, want_logits)) = planned.peek().filter(|p| p.0 == i) else {
+                    continue;
+                };
+                planned.next();
+                let tokens: &[u32] = match &s.next {
+                    Some(t) => std::slice::from_ref(t),
+                    None => &s.request.prompt[s.prefilled..s.prefilled + take],
+                };
+                chunks.push(DecodeChunk {
+                    tokens,
+                    cache: &mut s.cache,
+                    want_logits,
+                });
+            }
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.decoder.forward(&mut chunks)
+            }))
+            .unwrap_or_else(|_| Err("the forward pass panicked".into()))
+        };
+        let m = &self.metrics;
+        m.batch
+            .inference_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        m.batch.batch_size_items.observe(plan.len() as f64);
+        m.batch.batch_size_tokens.observe(tokens as f64);
+        let logits = match outcome {
+            Ok(l) => l,
+            Err(e) => {
+                // A failed pass leaves the caches of everyone in it undefined: fail them all.
+                tracing::error!(error = %e, "generation step failed");
+                for s in self.running.drain(..) {
+                    let _ = s.request.events.send(Event::Failed(e.clone()));
+                }
+                self.reserved = 0;
+                return;
+            }
+        };
+        let mut logits = logits.into_iter();
+        let mut finished = Vec::new();
+        for &(i, take, want_logits) in &plan {
+            let s = &mut self.running[i];
+            if s.next.is_none() {
+                s.prefilled += take;
+                self.metrics.prompt_tokens_total.inc_by(take as u64);
+            }
+            if !want_logits {
+                continue;
+            }
+            let Some(mut row) = logits.next() else {
+                finished.push(i);
+                let _ = s
+                    .request
+                    .events
+                    .send(Event::Failed("the model returned no logits".into()));
+                continue;
+            };
+            let token = s.sampler.sample(&mut row);
+            if let Some(reason) = Self::accept(&self.decoder, &self.metrics, s, token) {
+                Self::finish(&self.metrics, s, reason);
+                finished.push(i);
+            }
+        }
+        // Descending, so earlier indices stay valid; `remove` keeps admission order.
+        for i in finished.into_iter().rev() {
+            let s = self.running.remove(i);
+            self.reserved -= s.reserve;
+        }
+    }
+
+    /// Takes a sampled token into the sequence; returns why it ends, if it does.
+    fn accept(
+        decoder: &D,
+        metrics: &GenerateMetrics,
+        s: &mut Sequence<D::Cache>,
+        token: u32,
+    ) -> Option<FinishReason> {
+        let now = Instant::now();
+        if s.first_token_at.is_none() {
+            s.first_token_at = Some(now);
+            metrics
+                .time_to_first_token_seconds
+                .observe((now - s.request.arrived).as_secs_f64());
+        }
+        s.generated += 1;
+        s.unsent_tokens += 1;
+        metrics.generated_tokens_total.inc();
+        if decoder.is_end_of_generation(token) {
+            return Some(FinishReason::Stop);
+        }
+        s.sampler.record(token);
+        s.next = Some(token);
+        let step = s.text.push(decoder.piece(token));
+        if !step.text.is_empty() {
+            let tokens = std::mem::take(&mut s.unsent_tokens);
+            let _ = s.request.events.send(Event::Text {
+                text: step.text,
+                tokens,
+            });
+        }
+        if step.stopped {
+            return Some(FinishReason::Stop);
+        }
+        (s.generated >= s.request.max_tokens).then_some(FinishReason::Length)
+    }
+
+    fn finish(metrics: &GenerateMetrics, s: &mut Sequence<D::Cache>, finish: FinishReason) {
+        // Text held back as a possible stop string is final now (empty after a stop string).
+        let rest = s.text.finish();
+        if !rest.is_empty() {
+            let tokens = std::mem::take(&mut s.unsent_tokens);
+            let _ = s.request.events.send(Event::Text { text: rest, tokens });
+        }
+        let now = Instant::now();
+        metrics
+            .generation_duration_seconds
+            .observe((now - s.request.arrived).as_secs_f64());
+        if let (Some(first), true) = (s.first_token_at, s.generated > 1) {
+            metrics
+                .time_per_output_token_seconds
+                .observe((now - first).as_secs_f64() / (s.generated - 1) as f64);
+        }
+        let _ = s.request.events.send(Event::Done {
+            finish,
+            prompt_tokens: s.request.prompt.len(),
+            completion_tokens: s.generated,
+        });
+    }
+}

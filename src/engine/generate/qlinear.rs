@@ -1,0 +1,984 @@
+//! A linear layer over GGUF Q4_1 and Q8_0 weights with integer CPU kernels.
+//!
+//! candle runs Q4_1 through its scalar generic dot product, which leaves CPU decoding an order of
+//! magnitude behind llama.cpp. Here each activation row is quantized the way ggml does it (Q8_1
+//! against Q4_1 weights, Q8_0 against Q8_0), and the block dot products run on AVX-512 VNNI,
+//! AVX2, or portable scalar code, picked at run time. The file's quantisation is kept: the weight
+//! bytes are only reordered once at load, never dequantized.
+//!
+//! Layout: the weights are regrouped into 16 output columns at a time, interleaved four quant bytes
+//! per column, so that one 512-bit register holds the same four quants of 16 columns. `vpdpbusd`
+//! against a broadcast of the matching four activation quants then accumulates all 16 columns at
+//! once, with no horizontal sums; the AVX2 path reads each register as two halves of 8 columns.
+//! A group's quants for all blocks come first and its f16 scales after them, so a group is one
+//! contiguous, cache-line aligned stream.
+//!
+//! Determinism: the integer sum of a block is exact, so the order in which it is formed does not
+//! matter. The floating-point part is one fixed sequence per output element: in block order,
+//! `acc += sumi * d_w * d_x + m_w * s_x` (without the `m` term for Q8_0), evaluated left to
+//! right with no fused multiply-add, done lane-wise by every path. An element's value therefore
+//! does not depend on the instruction set, the row tile or thread it falls in, or how many rows
+//! share the call. It is also exactly candle's `vec_dot_unopt` for Q4_1, so Q4_1 outputs equal
+//! candle's bit for bit.
+
+use std::ops::Range;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Storage, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+/// Quants per block, in both formats.
+const QK: usize = 32;
+/// Output columns per packed group: one 512-bit register of f32 or i32 lanes.
+const LANES: usize = 16;
+/// Activation rows that share one pass over a group's weights. Four keeps the AVX-512 kernels'
+/// accumulators and the expanded weights in registers.
+const TILE_ROWS: usize = 4;
+/// Multiply-accumulates below which a call stays on the calling thread: waking the pool costs
+/// more than it saves on the smallest decode projections.
+const PARALLEL_MIN_WORK: usize = 1 << 19;
+/// Work items per pool thread, so that a thread slowed by other work is made up for by the rest.
+const CHUNKS_PER_THREAD: usize = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Q4_1,
+    Q8_0,
+}
+
+impl Format {
+    /// Quant bytes of one block of a group: 16 columns of 16 nibble pairs or 32 bytes.
+    const fn qs_bytes(self) -> usize {
+        match self {
+            Format::Q4_1 => LANES * QK / 2,
+            Format::Q8_0 => LANES * QK,
+        }
+    }
+
+    /// f16 scale bytes of one block of a group: `d` of 16 columns, then `m` for Q4_1.
+    const fn scale_bytes(self) -> usize {
+        match self {
+            Format::Q4_1 => LANES * 4,
+            Format::Q8_0 => LANES * 2,
+        }
+    }
+
+    /// Bytes of one block in ggml's (and candle's) storage.
+    const fn ggml_block_bytes(self) -> usize {
+        match self {
+            Format::Q4_1 => 4 + QK / 2,
+            Format::Q8_0 => 2 + QK,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Scalar,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                return Isa::Avx512Vnni;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// Every path this CPU can run, for tests that compare them.
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        match Self::detect() {
+            Isa::Avx512Vnni => vec![Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni],
+            Isa::Avx2 => vec![Isa::Scalar, Isa::Avx2],
+            Isa::Scalar => vec![Isa::Scalar],
+        }
+    }
+}
+
+/// A matrix `[out, in]` for `y = x · Wᵀ`, quantized, on CPU or elsewhere.
+pub struct QLinear {
+    inner: Inner,
+}
+
+enum Inner {
+    Packed(Packed),
+    /// Formats, shapes and devices the kernels here do not cover.
+    Candle(QMatMul),
+}
+
+impl QLinear {
+    /// From a GGUF tensor of shape `[out, in]`, as candle's gguf reader returns it.
+    pub fn new(t: QTensor) -> Result<Self> {
+        let format = match t.dtype() {
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
+            _ => None,
+        };
+        if let (Some(format), true, Ok((out, k)), false) = (
+            format,
+            t.device().is_cpu(),
+            t.shape().dims2(),
+            std::env::var("TMP_QLINEAR_CANDLE").is_ok(),
+        ) {
+            if out > 0 && k > 0 && k % QK == 0 {
+                let packed = Packed::new(format, &t.data()?, out, k)?;
+                return Ok(Self {
+                    inner: Inner::Packed(packed),
+                });
+            }
+        }
+        Ok(Self {
+            inner: Inner::Candle(QMatMul::from_qtensor(t)?),
+        })
+    }
+
+    /// `x` is `[.., in]`; returns `[.., out]` in `x`'s dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let packed = match &self.inner {
+            Inner::Packed(p) => p,
+            Inner::Candle(m) => return m.forward(x),
+        };
+        if !x.device().is_cpu() {
+            candle_core::bail!("QLinear: CPU weights, input on {:?}", x.device().location());
+        }
+        let k = packed.nb * QK;
+        let mut dims = x.dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == k => *last = packed.out,
+            _ => candle_core::bail!(
+                "QLinear: input {:?} for weights [{}, {k}]",
+                x.shape(),
+                packed.out
+            ),
+        }
+        let rows = x.elem_count() / k;
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let mut dst = vec![0f32; rows * packed.out];
+        {
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("QLinear: input is not in CPU storage");
+            };
+            let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..rows * k];
+            packed.matmul(Isa::detect(), xs, rows, &mut dst);
+        }
+        Tensor::from_vec(dst, dims, &Device::Cpu)?.to_dtype(dtype)
+    }
+}
+
+/// The weights regrouped for the kernels (see the module docs for the layout).
+struct Packed {
+    format: Format,
+    out: usize,
+    /// Blocks per row: `in / 32`.
+    nb: usize,
+    groups: usize,
+    /// Bytes from one group to the next, a whole number of cache lines.
+    stride: usize,
+    /// Over-allocated by a cache line so that the groups can start on a 64-byte boundary.
+    bytes: Vec<u8>,
+    start: usize,
+}
+
+impl Packed {
+    fn new(format: Format, raw: &[u8], out: usize, k: usize) -> Result<Self> {
+        let nb = k / QK;
+        let src_block = format.ggml_block_bytes();
+        if raw.len() != out * nb * src_block {
+            candle_core::bail!(
+                "QLinear: {} bytes for a {format:?} [{out}, {k}] tensor",
+                raw.len()
+            );
+        }
+        let groups = out.div_ceil(LANES);
+        let (qs_bytes, scale_bytes) = (format.qs_bytes(), format.scale_bytes());
+        let stride = (nb * (qs_bytes + scale_bytes)).next_multiple_of(64);
+        let mut bytes = vec![0u8; groups * stride + 63];
+        let start = bytes.as_ptr().align_offset(64);
+        let packed = &mut bytes[start..][..groups * stride];
+        // Columns past `out` in the last group stay zero (zero scales): computed, never stored.
+        for (col, row) in raw.chunks_exact(nb * src_block).enumerate() {
+            let group = &mut packed[(col / LANES) * stride..][..stride];
+            let (qs, scales) = group.split_at_mut(nb * qs_bytes);
+            let lane = col % LANES;
+            for (b, block) in row.chunks_exact(src_block).enumerate() {
+                let qs = &mut qs[b * qs_bytes..][..qs_bytes];
+                let scales = &mut scales[b * scale_bytes..][..scale_bytes];
+                // Both formats start with the f16 `d`; Q4_1 follows it with the f16 `m`.
+                scales[2 * lane..2 * lane + 2].copy_from_slice(&block[..2]);
+                let quants = match format {
+                    Format::Q4_1 => {
+                        scales[2 * LANES + 2 * lane..][..2].copy_from_slice(&block[2..4]);
+                        &block[4..]
+                    }
+                    Format::Q8_0 => &block[2..],
+                };
+                for (j, four) in quants.chunks_exact(4).enumerate() {
+                    qs[j * 4 * LANES + 4 * lane..][..4].copy_from_slice(four);
+                }
+            }
+        }
+        Ok(Self {
+            format,
+            out,
+            nb,
+            groups,
+            stride,
+            bytes,
+            start,
+        })
+    }
+
+    fn group(&self, g: usize) -> &[u8] {
+        &self.bytes[self.start + g * self.stride..][..self.stride]
+    }
+
+    /// `dst[rows, out] = x[rows, in] · Wᵀ`.
+    fn matmul(&self, isa: Isa, x: &[f32], rows: usize, dst: &mut [f32]) {
+        let k = self.nb * QK;
+        assert_eq!(x.len(), rows * k, "QLinear: input length");
+        assert_eq!(dst.len(), rows * self.out, "QLinear: output length");
+        let acts = Acts::new(self.format, x, rows, k);
+        let dst = DstPtr(dst.as_mut_ptr());
+        // Groups outermost: a group's weights come from memory once and stay in L1 for every row
+        // tile after the first.
+        let run = |groups: Range<usize>| {
+            for g in groups {
+                let mut r0 = 0;
+                while r0 < rows {
+                    let n = (rows - r0).min(TILE_ROWS);
+                    match n {
+                        1 => self.store(g, r0, &self.tile::<1>(isa, g, &acts, r0), dst),
+                        2 => self.store(g, r0, &self.tile::<2>(isa, g, &acts, r0), dst),
+                        3 => self.store(g, r0, &self.tile::<3>(isa, g, &acts, r0), dst),
+                        _ => self.store(g, r0, &self.tile::<TILE_ROWS>(isa, g, &acts, r0), dst),
+                    }
+                    r0 += n;
+                }
+            }
+        };
+        let threads = rayon::current_num_threads();
+        if threads > 1 && self.groups > 1 && rows * self.out * k >= PARALLEL_MIN_WORK {
+            let chunks = (threads * CHUNKS_PER_THREAD).min(self.groups);
+            let groups = self.groups;
+            (0..chunks)
+                .into_par_iter()
+                .for_each(|c| run(c * groups / chunks..(c + 1) * groups / chunks));
+        } else {
+            run(0..self.groups);
+        }
+    }
+
+    /// Outputs of group `g` (16 columns) for activation rows `r0..r0 + R`.
+    fn tile<const R: usize>(
+        &self,
+        isa: Isa,
+        g: usize,
+        acts: &Acts,
+        r0: usize,
+    ) -> [[f32; LANES]; R] {
+        let w = self.group(g);
+        // The kernels index rows r0..r0 + R of `acts` and a whole group of `w` through raw
+        // pointers; these two checks are what makes that in bounds.
+        assert!(r0 + R <= acts.rows && acts.nb == self.nb);
+        assert!(w.len() >= self.nb * (self.format.qs_bytes() + self.format.scale_bytes()));
+        match (isa, self.format) {
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, Format::Q4_1) => {
+                // SAFETY: `Isa::Avx512Vnni` is only chosen when the CPU has avx512f, avx512bw and
+                // avx512vnni (`Isa::detect`); bounds are asserted above.
+                unsafe { x86::q4_1_vnni::<R>(w, acts, r0) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, Format::Q8_0) => {
+                // SAFETY: as above.
+                unsafe { x86::q8_0_vnni::<R>(w, acts, r0) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, Format::Q4_1) => {
+                // SAFETY: `Isa::Avx2` is only chosen when the CPU has avx2 and f16c (every
+                // AVX-512 CPU has both too); bounds are asserted above.
+                unsafe { x86::q4_1_avx2::<R>(w, acts, r0) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, Format::Q8_0) => {
+                // SAFETY: as above.
+                unsafe { x86::q8_0_avx2::<R>(w, acts, r0) }
+            }
+            (_, format) => tile_scalar::<R>(format, w, acts, r0),
+        }
+    }
+
+    fn store<const R: usize>(&self, g: usize, r0: usize, vals: &[[f32; LANES]; R], dst: DstPtr) {
+        let col0 = g * LANES;
+        let n = LANES.min(self.out - col0);
+        for (r, v) in vals.iter().enumerate() {
+            // SAFETY: `dst` points at the `rows × out` f32s that `matmul` holds exclusively for
+            // the whole call; row r0 + r < rows (asserted in `tile`) and col0 + n <= out, so the
+            // write is in bounds. Each (row, group) is written by exactly one tile and the groups
+            // are split between threads without overlap, so no two writes touch the same element,
+            // and nothing reads `dst` before all of them are done.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.as_ptr(), dst.0.add((r0 + r) * self.out + col0), n)
+            }
+        }
+    }
+}
+
+/// The output buffer, shared by the pool's threads; they write disjoint column groups.
+#[derive(Clone, Copy)]
+struct DstPtr(*mut f32);
+
+// SAFETY: the pointer is only written through `Packed::store`, whose callers write disjoint
+// elements while `matmul` holds the buffer's unique borrow.
+unsafe impl Send for DstPtr {}
+// SAFETY: as above.
+unsafe impl Sync for DstPtr {}
+
+/// Activation rows quantized to blocks of 32 `i8`.
+struct Acts {
+    rows: usize,
+    nb: usize,
+    /// `[rows, in]`.
+    qs: Vec<i8>,
+    /// `[rows, nb]` block scales, f16-rounded as ggml stores them.
+    d: Vec<f32>,
+    /// Q8_1 only, `[rows, nb]`: `d · Σq` as ggml stores it (f16), the term Q4_1's `m` multiplies.
+    s: Vec<f32>,
+    /// Q8_0 only, `[rows, nb]`: `128 · Σq`. VNNI multiplies unsigned by signed bytes, so the
+    /// Q8_0 kernel offsets the weights by 128 and takes this back off.
+    bias: Vec<i32>,
+}
+
+impl Acts {
+    /// ggml's `quantize_row_q8_1` (for Q4_1 weights) or `quantize_row_q8_0`, operation for
+    /// operation as candle's `BlockQ8_1::from_float` / `BlockQ8_0::from_float` do it.
+    fn new(format: Format, x: &[f32], rows: usize, k: usize) -> Self {
+        let nb = k / QK;
+        let mut acts = Acts {
+            rows,
+            nb,
+            qs: vec![0; rows * k],
+            d: vec![0.0; rows * nb],
+            s: Vec::new(),
+            bias: Vec::new(),
+        };
+        match format {
+            Format::Q4_1 => acts.s = vec![0.0; rows * nb],
+            Format::Q8_0 => acts.bias = vec![0; rows * nb],
+        }
+        let blocks = x.chunks_exact(QK).zip(acts.qs.chunks_exact_mut(QK));
+        for (i, (x, q)) in blocks.enumerate() {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let dh = f16::from_f32(d);
+            acts.d[i] = dh.to_f32();
+            let mut sum = 0i32;
+            for (q, &v) in q.iter_mut().zip(x) {
+                *q = round_i8(v * id);
+                sum += *q as i32;
+            }
+            match format {
+                // ggml rounds the sum to f16 and multiplies in f16.
+                Format::Q4_1 => acts.s[i] = (f16::from_f32(sum as f32) * dh).to_f32(),
+                Format::Q8_0 => acts.bias[i] = 128 * sum,
+            }
+        }
+        acts
+    }
+}
+
+/// `v.round() as i8`: half away from zero, saturating, NaN to 0. `f32::round` is a libm call
+/// on baseline x86-64, a noticeable share of a decode step; truncation is one instruction, and
+/// `v - trunc(v)` is exact, so this rounds the same way.
+fn round_i8(v: f32) -> i8 {
+    // Clamping first keeps `t ± 1` in range; it cannot change the saturated result.
+    let v = v.clamp(-128.0, 127.0);
+    let t = v as i32;
+    let frac = v - t as f32;
+    (t + (frac >= 0.5) as i32 - (frac <= -0.5) as i32) as i8
+}
+
+fn f16_at(bytes: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([bytes[i], bytes[i + 1]]).to_f32()
+}
+
+/// The reference path, and the one for CPUs without AVX2.
+fn tile_scalar<const R: usize>(
+    format: Format,
+    w: &[u8],
+    acts: &Acts,
+    r0: usize,
+) -> [[f32; LANES]; R] {
+    let nb = acts.nb;
+    let (qs_bytes, scale_bytes) = (format.qs_bytes(), format.scale_bytes());
+    let (qs, scales) = w.split_at(nb * qs_bytes);
+    let mut out = [[0f32; LANES]; R];
+    for (r, out) in out.iter_mut().enumerate() {
+        let row = r0 + r;
+        for (lane, out) in out.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let x = &acts.qs[(row * nb + b) * QK..][..QK];
+                let q = &qs[b * qs_bytes..][..qs_bytes];
+                let sc = &scales[b * scale_bytes..][..scale_bytes];
+                let (dx, dw) = (acts.d[row * nb + b], f16_at(sc, 2 * lane));
+                // Quant t of column `lane` in 4-byte chunk j is at q[j * 64 + lane * 4 + t].
+                let mut sumi = 0i32;
+                match format {
+                    Format::Q4_1 => {
+                        // A nibble byte holds element i (low) and element i + 16 (high).
+                        for i in 0..QK / 2 {
+                            let v = q[(i / 4) * 4 * LANES + lane * 4 + i % 4] as i32;
+                            sumi += (v & 0x0F) * x[i] as i32 + (v >> 4) * x[i + QK / 2] as i32;
+                        }
+                        let mw = f16_at(sc, 2 * LANES + 2 * lane);
+                        acc += sumi as f32 * dw * dx + mw * acts.s[row * nb + b];
+                    }
+                    Format::Q8_0 => {
+                        for (i, &x) in x.iter().enumerate() {
+                            let v = q[(i / 4) * 4 * LANES + lane * 4 + i % 4] as i8;
+                            sumi += v as i32 * x as i32;
+                        }
+                        acc += sumi as f32 * dw * dx;
+                    }
+                }
+            }
+            *out = acc;
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The kernels' callers guarantee what their `# Safety` sections ask: the CPU features
+    //! named in `target_feature`, `w` a whole packed group of `acts.nb` blocks, and rows
+    //! `r0..r0 + R` present in `acts`.
+    //!
+    //! The float sequence per lane is the one in the module docs; keep it in step with
+    //! `tile_scalar`, which the tests hold these kernels to bit for bit.
+
+    use std::arch::x86_64::*;
+
+    use super::{Acts, Format, LANES, QK};
+
+    /// Broadcasts the four activation quants at `p` to every 32-bit lane.
+    ///
+    /// # Safety
+    /// `p..p + 4` must be readable.
+    #[inline(always)]
+    unsafe fn bcast4(p: *const i8) -> i32 {
+        // SAFETY: readable by the caller's contract; i8 data has no alignment to keep.
+        unsafe { p.cast::<i32>().read_unaligned() }
+    }
+
+    /// # Safety
+    /// See the module docs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn q4_1_vnni<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        r0: usize,
+    ) -> [[f32; LANES]; R] {
+        let nb = acts.nb;
+        let qs = w.as_ptr();
+        // SAFETY (every raw read below): `w` holds nb · 256 quant bytes then nb · 64 scale
+        // bytes, and row r0 + r of `acts` holds nb · 32 quants and nb scales, per the contract.
+        unsafe {
+            let scales = qs.add(nb * Format::Q4_1.qs_bytes());
+            let xq: [*const i8; R] =
+                std::array::from_fn(|r| acts.qs.as_ptr().add((r0 + r) * nb * QK));
+            let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((r0 + r) * nb));
+            let xs: [*const f32; R] = std::array::from_fn(|r| acts.s.as_ptr().add((r0 + r) * nb));
+            let nibble = _mm512_set1_epi8(0x0F);
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..nb {
+                // Low and high nibbles in separate accumulators: two dependency chains.
+                let mut lo_sum = [_mm512_setzero_si512(); R];
+                let mut hi_sum = [_mm512_setzero_si512(); R];
+                for j in 0..4 {
+                    let p = _mm512_loadu_si512(qs.add(b * 256 + j * 64).cast());
+                    let lo = _mm512_and_si512(p, nibble);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(p), nibble);
+                    for r in 0..R {
+                        let x = xq[r].add(b * QK + 4 * j);
+                        let xl = _mm512_set1_epi32(bcast4(x));
+                        let xh = _mm512_set1_epi32(bcast4(x.add(QK / 2)));
+                        lo_sum[r] = _mm512_dpbusd_epi32(lo_sum[r], lo, xl);
+                        hi_sum[r] = _mm512_dpbusd_epi32(hi_sum[r], hi, xh);
+                    }
+                }
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * 64).cast()));
+                let mw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * 64 + 32).cast()));
+                for r in 0..R {
+                    let sumi = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_sum[r], hi_sum[r]));
+                    let t = _mm512_mul_ps(_mm512_mul_ps(sumi, dw), _mm512_set1_ps(*xd[r].add(b)));
+                    let t = _mm512_add_ps(t, _mm512_mul_ps(mw, _mm512_set1_ps(*xs[r].add(b))));
+                    acc[r] = _mm512_add_ps(acc[r], t);
+                }
+            }
+            let mut out = [[0f32; LANES]; R];
+            for r in 0..R {
+                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+            out
+        }
+    }
+
+    /// # Safety
+    /// See the module docs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn q8_0_vnni<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        r0: usize,
+    ) -> [[f32; LANES]; R] {
+        let nb = acts.nb;
+        let qs = w.as_ptr();
+        // SAFETY (every raw read below): `w` holds nb · 512 quant bytes then nb · 32 scale
+        // bytes, and row r0 + r of `acts` holds nb · 32 quants, nb scales and nb biases.
+        unsafe {
+            let scales = qs.add(nb * Format::Q8_0.qs_bytes());
+            let xq: [*const i8; R] =
+                std::array::from_fn(|r| acts.qs.as_ptr().add((r0 + r) * nb * QK));
+            let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((r0 + r) * nb));
+            let xb: [*const i32; R] =
+                std::array::from_fn(|r| acts.bias.as_ptr().add((r0 + r) * nb));
+            // Flipping the sign bit maps i8 w to the u8 w + 128 that vpdpbusd needs.
+            let flip = _mm512_set1_epi8(i8::MIN);
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..nb {
+                let mut even = [_mm512_setzero_si512(); R];
+                let mut odd = [_mm512_setzero_si512(); R];
+                for j in 0..8 {
+                    let p = _mm512_loadu_si512(qs.add(b * 512 + j * 64).cast());
+                    let p = _mm512_xor_si512(p, flip);
+                    for r in 0..R {
+                        let x = _mm512_set1_epi32(bcast4(xq[r].add(b * QK + 4 * j)));
+                        if j % 2 == 0 {
+                            even[r] = _mm512_dpbusd_epi32(even[r], p, x);
+                        } else {
+                            odd[r] = _mm512_dpbusd_epi32(odd[r], p, x);
+                        }
+                    }
+                }
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * 32).cast()));
+                for r in 0..R {
+                    let biased = _mm512_add_epi32(even[r], odd[r]);
+                    let sumi = _mm512_sub_epi32(biased, _mm512_set1_epi32(*xb[r].add(b)));
+                    let sumi = _mm512_cvtepi32_ps(sumi);
+                    let t = _mm512_mul_ps(_mm512_mul_ps(sumi, dw), _mm512_set1_ps(*xd[r].add(b)));
+                    acc[r] = _mm512_add_ps(acc[r], t);
+                }
+            }
+            let mut out = [[0f32; LANES]; R];
+            for r in 0..R {
+                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+            out
+        }
+    }
+
+    /// # Safety
+    /// See the module docs.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn q4_1_avx2<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        r0: usize,
+    ) -> [[f32; LANES]; R] {
+        let nb = acts.nb;
+        let qs = w.as_ptr();
+        // SAFETY (every raw read below): as in `q4_1_vnni`; each half reads 32 of a chunk's 64
+        // bytes and 16 of a scale vector's 32.
+        unsafe {
+            let scales = qs.add(nb * Format::Q4_1.qs_bytes());
+            let xq: [*const i8; R] =
+                std::array::from_fn(|r| acts.qs.as_ptr().add((r0 + r) * nb * QK));
+            let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((r0 + r) * nb));
+            let xs: [*const f32; R] = std::array::from_fn(|r| acts.s.as_ptr().add((r0 + r) * nb));
+            let nibble = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let mut out = [[0f32; LANES]; R];
+            for half in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    let mut isum = [_mm256_setzero_si256(); R];
+                    for j in 0..4 {
+                        let p = _mm256_loadu_si256(qs.add(b * 256 + j * 64 + half * 32).cast());
+                        let lo = _mm256_and_si256(p, nibble);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(p), nibble);
+                        for r in 0..R {
+                            let x = xq[r].add(b * QK + 4 * j);
+                            let xl = _mm256_set1_epi32(bcast4(x));
+                            let xh = _mm256_set1_epi32(bcast4(x.add(QK / 2)));
+                            // A pair of nibble × i8 products is at most 2 · 15 · 127 in size, so
+                            // two pairs still fit an i16 before widening.
+                            let pairs = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, xl),
+                                _mm256_maddubs_epi16(hi, xh),
+                            );
+                            isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(pairs, ones));
+                        }
+                    }
+                    let sc = scales.add(b * 64 + half * 16);
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(sc.cast()));
+                    let mw = _mm256_cvtph_ps(_mm_loadu_si128(sc.add(32).cast()));
+                    for r in 0..R {
+                        let sumi = _mm256_cvtepi32_ps(isum[r]);
+                        let t =
+                            _mm256_mul_ps(_mm256_mul_ps(sumi, dw), _mm256_set1_ps(*xd[r].add(b)));
+                        let t = _mm256_add_ps(t, _mm256_mul_ps(mw, _mm256_set1_ps(*xs[r].add(b))));
+                        acc[r] = _mm256_add_ps(acc[r], t);
+                    }
+                }
+                for r in 0..R {
+                    _mm256_storeu_ps(out[r].as_mut_ptr().add(half * 8), acc[r]);
+                }
+            }
+            out
+        }
+    }
+
+    /// # Safety
+    /// See the module docs.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn q8_0_avx2<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        r0: usize,
+    ) -> [[f32; LANES]; R] {
+        let nb = acts.nb;
+        let qs = w.as_ptr();
+        // SAFETY (every raw read below): as in `q8_0_vnni`; each half reads 32 of a chunk's 64
+        // bytes and 16 of a scale vector's 32.
+        unsafe {
+            let scales = qs.add(nb * Format::Q8_0.qs_bytes());
+            let xq: [*const i8; R] =
+                std::array::from_fn(|r| acts.qs.as_ptr().add((r0 + r) * nb * QK));
+            let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((r0 + r) * nb));
+            let ones = _mm256_set1_epi16(1);
+            let mut out = [[0f32; LANES]; R];
+            for half in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    let mut isum = [_mm256_setzero_si256(); R];
+                    for j in 0..8 {
+                        let p = _mm256_loadu_si256(qs.add(b * 512 + j * 64 + half * 32).cast());
+                        // maddubs wants one unsigned operand: |w| · (x · sign w) = w · x, and
+                        // a pair of those is at most 2 · 128 · 127, inside i16.
+                        let abs = _mm256_abs_epi8(p);
+                        for r in 0..R {
+                            let x = _mm256_set1_epi32(bcast4(xq[r].add(b * QK + 4 * j)));
+                            let pairs = _mm256_maddubs_epi16(abs, _mm256_sign_epi8(x, p));
+                            isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(pairs, ones));
+                        }
+                    }
+                    let dw =
+                        _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * 32 + half * 16).cast()));
+                    for r in 0..R {
+                        let sumi = _mm256_cvtepi32_ps(isum[r]);
+                        let t =
+                            _mm256_mul_ps(_mm256_mul_ps(sumi, dw), _mm256_set1_ps(*xd[r].add(b)));
+                        acc[r] = _mm256_add_ps(acc[r], t);
+                    }
+                }
+                for r in 0..R {
+                    _mm256_storeu_ps(out[r].as_mut_ptr().add(half * 8), acc[r]);
+                }
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in about [-1, 1], so a failure can be reproduced.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn tensor(rows: usize, cols: usize, seed: u64) -> Tensor {
+        Tensor::from_vec(values(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    fn quantized(out: usize, k: usize, dtype: GgmlDType) -> QTensor {
+        QTensor::quantize(&tensor(out, k, (out * k) as u64), dtype).unwrap()
+    }
+
+    fn packed(out: usize, k: usize, dtype: GgmlDType) -> Packed {
+        match QLinear::new(quantized(out, k, dtype)).unwrap().inner {
+            Inner::Packed(p) => p,
+            Inner::Candle(_) => panic!("{dtype:?} [{out}, {k}] not packed"),
+        }
+    }
+
+    fn run(p: &Packed, isa: Isa, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut dst = vec![0f32; rows * p.out];
+        p.matmul(isa, x, rows, &mut dst);
+        dst
+    }
+
+    const SHAPES: [(usize, usize); 6] = [
+        (576, 576),
+        (192, 576),
+        (1536, 576),
+        (576, 1536),
+        (1000, 576),
+        (40, 64),
+    ];
+    const ROWS: [usize; 4] = [1, 3, 16, 17];
+
+    /// Q4_1 runs candle's `vec_dot_unopt` sequence exactly; Q8_0 against candle's AVX kernel
+    /// (another summation order) or, for `in` a multiple of 256, its Q8_K path (another
+    /// activation quantisation), within a tolerance relative to the row's largest output.
+    #[test]
+    fn matches_candle() {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for (out, k) in SHAPES {
+                let candle = QMatMul::from_qtensor(quantized(out, k, dtype)).unwrap();
+                let ours = QLinear::new(quantized(out, k, dtype)).unwrap();
+                assert!(matches!(ours.inner, Inner::Packed(_)));
+                for rows in ROWS {
+                    let x = tensor(rows, k, 7 * rows as u64 + k as u64);
+                    let want = candle.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                    let got = ours.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                    let tol = if dtype == GgmlDType::Q8_0 && k % 256 == 0 {
+                        2e-2
+                    } else {
+                        1e-4
+                    };
+                    for (want, got) in want.iter().zip(&got) {
+                        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                        for (w, g) in want.iter().zip(got) {
+                            if dtype == GgmlDType::Q4_1 {
+                                assert_eq!(w.to_bits(), g.to_bits(), "{dtype:?} {rows}x{k}x{out}");
+                            }
+                            assert!(
+                                (w - g).abs() <= tol * scale,
+                                "{dtype:?} {rows}x{k}x{out}: {w} vs {g}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Against f64 arithmetic on candle's own quantized blocks (weights, and activations through
+    /// `QTensor::quantize`), which checks the Q8_0 results independently of summation order.
+    #[test]
+    fn matches_f64_on_candle_blocks() {
+        for (dtype, act) in [
+            (GgmlDType::Q4_1, GgmlDType::Q8_1),
+            (GgmlDType::Q8_0, GgmlDType::Q8_0),
+        ] {
+            for (out, k) in [(192, 576), (1000, 1536)] {
+                let rows = 5;
+                let w = quantized(out, k, dtype);
+                let x = tensor(rows, k, 99);
+                let xq = QTensor::quantize(&x, act).unwrap();
+                let (wb, xb) = (w.data().unwrap().to_vec(), xq.data().unwrap());
+                let got = QLinear::new(w)
+                    .unwrap()
+                    .forward(&x)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                let nb = k / QK;
+                let f = |b: &[u8], i: usize| f16_at(b, i) as f64;
+                for (r, got) in got.iter().enumerate() {
+                    for (c, &g) in got.iter().enumerate() {
+                        let (mut sum, mut size) = (0f64, 0f64);
+                        for b in 0..nb {
+                            let (dx, qx) = match act {
+                                GgmlDType::Q8_1 => {
+                                    let xblk = &xb[(r * nb + b) * 36..][..36];
+                                    (f(xblk, 0), &xblk[4..])
+                                }
+                                _ => {
+                                    let xblk = &xb[(r * nb + b) * 34..][..34];
+                                    (f(xblk, 0), &xblk[2..])
+                                }
+                            };
+                            let sx = || f(&xb[(r * nb + b) * 36..], 2);
+                            let term = match dtype {
+                                GgmlDType::Q4_1 => {
+                                    let blk = &wb[(c * nb + b) * 20..][..20];
+                                    let sumi: i32 = (0..16)
+                                        .map(|i| {
+                                            (blk[4 + i] & 15) as i32 * qx[i] as i8 as i32
+                                                + (blk[4 + i] >> 4) as i32 * qx[i + 16] as i8 as i32
+                                        })
+                                        .sum();
+                                    f(blk, 0) * dx * sumi as f64 + f(blk, 2) * sx()
+                                }
+                                _ => {
+                                    let blk = &wb[(c * nb + b) * 34..][..34];
+                                    let sumi: i32 = (0..32)
+                                        .map(|i| blk[2 + i] as i8 as i32 * qx[i] as i8 as i32)
+                                        .sum();
+                                    f(blk, 0) * dx * sumi as f64
+                                }
+                            };
+                            sum += term;
+                            size += term.abs();
+                        }
+                        assert!(
+                            (sum - g as f64).abs() <= 1e-5 * size.max(1e-9),
+                            "{dtype:?} [{r}, {c}]: {g} vs {sum}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The activation quantisation is ggml's, byte for byte, as candle implements it.
+    #[test]
+    fn activation_quantisation_matches_candle() {
+        let (rows, k) = (3, 576);
+        let x = tensor(rows, k, 5);
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let q8_1 = QTensor::quantize(&x, GgmlDType::Q8_1).unwrap();
+        let q8_0 = QTensor::quantize(&x, GgmlDType::Q8_0).unwrap();
+        let (b1, b0) = (q8_1.data().unwrap(), q8_0.data().unwrap());
+        let a1 = Acts::new(Format::Q4_1, &xs, rows, k);
+        let a0 = Acts::new(Format::Q8_0, &xs, rows, k);
+        for i in 0..rows * k / QK {
+            let (blk1, blk0) = (&b1[i * 36..][..36], &b0[i * 34..][..34]);
+            assert_eq!(f16_at(blk1, 0), a1.d[i]);
+            assert_eq!(f16_at(blk1, 2), a1.s[i]);
+            assert_eq!(f16_at(blk0, 0), a0.d[i]);
+            for j in 0..QK {
+                assert_eq!(blk1[4 + j] as i8, a1.qs[i * QK + j]);
+                assert_eq!(blk0[2 + j] as i8, a0.qs[i * QK + j]);
+            }
+            let sum: i32 = a0.qs[i * QK..][..QK].iter().map(|&q| q as i32).sum();
+            assert_eq!(a0.bias[i], 128 * sum);
+        }
+    }
+
+    /// Every SIMD path runs the scalar path's float sequence, so they agree bit for bit.
+    #[test]
+    fn simd_paths_equal_scalar() {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for (out, k) in SHAPES {
+                let p = packed(out, k, dtype);
+                for rows in ROWS {
+                    let x = values(rows * k, 3 + rows as u64);
+                    let want = run(&p, Isa::Scalar, &x, rows);
+                    for isa in Isa::available() {
+                        let got = run(&p, isa, &x, rows);
+                        let same = want
+                            .iter()
+                            .zip(&got)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{dtype:?} {isa:?} {rows}x{k}x{out}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row's output must not depend on the rows batched with it (nor on the row tile or the
+    /// thread it lands in).
+    #[test]
+    fn row_alone_equals_row_in_batch() {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for (out, k) in [(1000, 576), (576, 1536)] {
+                let p = packed(out, k, dtype);
+                let rows = 13;
+                let x = values(rows * k, 11);
+                for isa in Isa::available() {
+                    let batch = run(&p, isa, &x, rows);
+                    for r in 0..rows {
+                        let alone = run(&p, isa, &x[r * k..][..k], 1);
+                        let same = alone
+                            .iter()
+                            .zip(&batch[r * out..][..out])
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{dtype:?} {isa:?} [{out}, {k}] row {r}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn round_i8_is_round_as_i8() {
+        let special = [
+            0.5, -0.5, 1.5, -1.5, 2.5, 126.5, -127.5, 127.49, 128.0, -129.5, 1e9, -1e9,
+        ];
+        let near_halves = (-300..300).flat_map(|i| {
+            let h = i as f32 + 0.5;
+            [
+                h,
+                f32::from_bits(h.to_bits() + 1),
+                f32::from_bits(h.to_bits() - 1),
+            ]
+        });
+        let all = values(10_000, 4).into_iter().map(|v| v * 140.0);
+        for v in special.into_iter().chain(near_halves).chain(all) {
+            assert_eq!(round_i8(v), v.round() as i8, "{v}");
+        }
+        assert_eq!(round_i8(f32::NAN), 0);
+        assert_eq!(round_i8(f32::INFINITY), 127);
+        assert_eq!(round_i8(f32::NEG_INFINITY), -128);
+    }
+
+    #[test]
+    fn other_formats_fall_back_to_candle() {
+        let (out, k, rows) = (64, 256, 3);
+        let ours = QLinear::new(quantized(out, k, GgmlDType::Q4_0)).unwrap();
+        assert!(matches!(ours.inner, Inner::Candle(_)));
+        let candle = QMatMul::from_qtensor(quantized(out, k, GgmlDType::Q4_0)).unwrap();
+        let x = tensor(rows, k, 1);
+        let want = candle.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(ours.forward(&x).unwrap().to_vec2::<f32>().unwrap(), want);
+    }
+
+    #[test]
+    fn keeps_leading_dims_and_dtype() {
+        let (out, k) = (40, 64);
+        let ours = QLinear::new(quantized(out, k, GgmlDType::Q4_1)).unwrap();
+        let x = Tensor::from_vec(values(2 * 3 * k, 2), (2, 3, k), &Device::Cpu).unwrap();
+        let y = ours.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 3, out]);
+        let flat = ours.forward(&x.reshape((6, k)).unwrap()).unwrap();
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            flat.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let y16 = ours.forward(&x.to_dtype(DType::F16).unwrap()).unwrap();
+        assert_eq!(y16.dtype(), DType::F16);
+        assert!(ours.forward(&tensor(2, k + 32, 0)).is_err());
+    }
+}
