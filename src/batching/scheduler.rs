@@ -394,3 +394,247 @@ impl<D: Decoder> Worker<D> {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+
+    const VOCAB: usize = 50;
+    const EOG: u32 = 49;
+
+    /// Next token = sum of the sequence's tokens so far mod 48 (never EOG unless the prompt asks
+    /// for it with a 0 at the end), so any mix-up of caches between sequences changes outputs.
+    /// Records each step's chunk sizes.
+    #[derive(Clone, Default)]
+    struct Fake {
+        steps: Arc<Mutex<Vec<Vec<usize>>>>,
+    }
+
+    impl Decoder for Fake {
+        type Cache = Vec<u32>;
+
+        fn new_cache(&self, capacity: usize) -> Result<Vec<u32>, String> {
+            Ok(Vec::with_capacity(capacity))
+        }
+
+        fn forward(
+            &self,
+            chunks: &mut [DecodeChunk<'_, Vec<u32>>],
+        ) -> Result<Vec<Vec<f32>>, String> {
+            // Slow enough that a long generation is still running when a test looks.
+            std::thread::sleep(Duration::from_micros(100));
+            self.steps
+                .lock()
+                .unwrap()
+                .push(chunks.iter().map(|c| c.tokens.len()).collect());
+            let mut out = Vec::new();
+            for c in chunks.iter_mut() {
+                assert!(
+                    c.cache.len() + c.tokens.len() <= c.cache.capacity(),
+                    "over budget"
+                );
+                c.cache.extend_from_slice(c.tokens);
+                if c.want_logits {
+                    let next = if c.cache.last() == Some(&0) {
+                        EOG
+                    } else {
+                        (c.cache.iter().map(|&t| t as usize).sum::<usize>() % 48) as u32 + 1
+                    };
+                    let mut logits = vec![0.0; VOCAB];
+                    logits[next as usize] = 1.0;
+                    out.push(logits);
+                }
+            }
+            Ok(out)
+        }
+
+        fn piece(&self, token: u32) -> &[u8] {
+            const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+            &LETTERS[token as usize % 52..token as usize % 52 + 1]
+        }
+
+        fn is_end_of_generation(&self, token: u32) -> bool {
+            token == EOG
+        }
+    }
+
+    fn policy() -> GeneratePolicy {
+        GeneratePolicy {
+            max_concurrent_sequences: 3,
+            max_total_tokens: 60,
+            prefill_chunk: 4,
+            max_waiting: 8,
+            ..GeneratePolicy::default()
+        }
+    }
+
+    fn request(
+        prompt: Vec<u32>,
+        max_tokens: usize,
+    ) -> (
+        GenerationRequest,
+        tokio::sync::mpsc::UnboundedReceiver<Event>,
+    ) {
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        let request = GenerationRequest {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop: Vec::new(),
+            events,
+            arrived: Instant::now(),
+        };
+        (request, rx)
+    }
+
+    /// Text and the one Done event of a finished request.
+    fn collect(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, Event) {
+        let mut text = String::new();
+        loop {
+            match rx
+                .blocking_recv()
+                .expect("a Done event before the channel closes")
+            {
+                Event::Text { text: t, .. } => text.push_str(&t),
+                done => {
+                    assert!(rx.blocking_recv().is_none(), "events after Done");
+                    return (text, done);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_request_gets_its_own_answer_whatever_runs_beside_it() {
+        let prompts: Vec<Vec<u32>> = (1..=7).map(|i| (1..=i * 2).collect()).collect();
+        let solo: Vec<(String, Event)> = prompts
+            .iter()
+            .map(|p| {
+                let s =
+                    Scheduler::spawn("m", Fake::default(), policy(), GenerateMetrics::detached())
+                        .unwrap();
+                let (r, mut rx) = request(p.clone(), 5);
+                s.submit(r).unwrap();
+                collect(&mut rx)
+            })
+            .collect();
+        let fake = Fake::default();
+        let s = Scheduler::spawn("m", fake.clone(), policy(), GenerateMetrics::detached()).unwrap();
+        let mut receivers = Vec::new();
+        for p in &prompts {
+            let (r, rx) = request(p.clone(), 5);
+            s.submit(r).unwrap();
+            receivers.push(rx);
+        }
+        let together: Vec<(String, Event)> = receivers.iter_mut().map(collect).collect();
+        assert_eq!(together, solo);
+        for (p, (text, done)) in prompts.iter().zip(&together) {
+            assert_eq!(text.len(), 5);
+            assert_eq!(
+                *done,
+                Event::Done {
+                    finish: FinishReason::Length,
+                    prompt_tokens: p.len(),
+                    completion_tokens: 5
+                }
+            );
+        }
+        let steps = fake.steps.lock().unwrap();
+        assert!(
+            steps.iter().any(|s| s.len() > 1),
+            "no step ran several sequences"
+        );
+        for step in steps.iter() {
+            assert!(
+                step.len() <= 3,
+                "more than max_concurrent_sequences in {step:?}"
+            );
+            let prefill: usize = step.iter().filter(|&&n| n > 1).sum();
+            assert!(
+                prefill <= 4,
+                "a step took {prefill} prompt tokens (chunk is 4)"
+            );
+        }
+    }
+
+    #[test]
+    fn admission_waits_for_the_kv_budget() {
+        let fake = Fake::default();
+        let s = Scheduler::spawn("m", fake.clone(), policy(), GenerateMetrics::detached()).unwrap();
+        // Each reserves 2 + 25 = 27 of 60 tokens: two fit at once, never three.
+        let mut receivers: Vec<_> = (0..4)
+            .map(|i| {
+                let (r, rx) = request(vec![i + 1, i + 2], 25);
+                s.submit(r).unwrap();
+                rx
+            })
+            .collect();
+        for rx in &mut receivers {
+            collect(rx);
+        }
+        assert!(fake.steps.lock().unwrap().iter().all(|s| s.len() <= 2));
+    }
+
+    #[test]
+    fn end_of_generation_stops_and_a_gone_client_is_dropped() {
+        let fake = Fake::default();
+        let s = Scheduler::spawn("m", fake.clone(), policy(), GenerateMetrics::detached()).unwrap();
+        let (r, mut rx) = request(vec![3, 0], 10);
+        s.submit(r).unwrap();
+        assert_eq!(
+            collect(&mut rx),
+            (
+                String::new(),
+                Event::Done {
+                    finish: FinishReason::Stop,
+                    prompt_tokens: 2,
+                    completion_tokens: 1
+                }
+            )
+        );
+        let (r, rx) = request(vec![5], 10_000 - 1);
+        let mut big_policy = policy();
+        big_policy.max_total_tokens = 10_000;
+        let s =
+            Scheduler::spawn("m", fake.clone(), big_policy, GenerateMetrics::detached()).unwrap();
+        s.submit(r).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        drop(rx);
+        let steps_then = fake.steps.lock().unwrap().len();
+        std::thread::sleep(Duration::from_millis(50));
+        let steps_now = fake.steps.lock().unwrap().len();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            fake.steps.lock().unwrap().len(),
+            steps_now,
+            "still stepping after the client left"
+        );
+        assert!(steps_now - steps_then <= 1, "freed within one step");
+    }
+
+    #[test]
+    fn a_full_waiting_queue_is_refused_at_once() {
+        let mut p = policy();
+        p.max_concurrent_sequences = 1;
+        p.max_waiting = 2;
+        p.max_total_tokens = 1_000_000;
+        let s = Scheduler::spawn("m", Fake::default(), p, GenerateMetrics::detached()).unwrap();
+        let mut keep = Vec::new();
+        let mut refused = 0;
+        for _ in 0..10 {
+            let (r, rx) = request(vec![1], 100_000);
+            match s.submit(r) {
+                Ok(()) => keep.push(rx),
+                Err(BatchError::QueueFull { capacity: 2, .. }) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(refused >= 7, "{refused} refused");
+    }
+}

@@ -104,7 +104,11 @@ impl LlamaConfig {
         let kv_heads = md
             .opt_u32(&key("attention.head_count_kv"))
             .unwrap_or(heads as u32) as usize;
-        if heads == 0 || kv_heads == 0 || !hidden.is_multiple_of(heads) || !heads.is_multiple_of(kv_heads) {
+        if heads == 0
+            || kv_heads == 0
+            || !hidden.is_multiple_of(heads)
+            || !heads.is_multiple_of(kv_heads)
+        {
             return Err(format!(
                 "inconsistent attention shape: {hidden} wide, {heads} heads, {kv_heads} kv heads"
             ));

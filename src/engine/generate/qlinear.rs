@@ -127,12 +127,8 @@ impl QLinear {
             GgmlDType::Q8_0 => Some(Format::Q8_0),
             _ => None,
         };
-        if let (Some(format), true, Ok((out, k)), false) = (
-            format,
-            t.device().is_cpu(),
-            t.shape().dims2(),
-            std::env::var("TMP_QLINEAR_CANDLE").is_ok(),
-        ) {
+        if let (Some(format), true, Ok((out, k))) = (format, t.device().is_cpu(), t.shape().dims2())
+        {
             if out > 0 && k > 0 && k % QK == 0 {
                 let packed = Packed::new(format, &t.data()?, out, k)?;
                 return Ok(Self {

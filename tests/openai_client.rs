@@ -1,0 +1,81 @@
+//! The official `openai` Python client against the real server: it must parse our chat and
+//! completion responses, SSE streams (with usage) and errors.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// The interpreter with `openai` installed: EMBER_TEST_PYTHON, or the one scripts/test.sh makes.
+fn python() -> std::path::PathBuf {
+    let path = std::env::var_os("EMBER_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("EMBER_CACHE_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| {
+                    std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                        .join(".cache/ember")
+                });
+            cache.join("test-venv/bin/python")
+        });
+    assert!(
+        path.is_file(),
+        "no Python with the openai client at {}: run scripts/setup_test_python.sh (scripts/test.sh \
+         does) or set EMBER_TEST_PYTHON",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test]
+async fn the_openai_library_parses_our_responses_and_streams() {
+    let python = python();
+    let dir = std::env::temp_dir().join(format!("ember-openai-test-{}", std::process::id()));
+    let folder = dir.join(SMOLLM);
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("model.toml"),
+        format!(
+            "task = \"generate\"\nformat = \"gguf\"\npath = {:?}\n",
+            smollm_gguf().display().to_string()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&dir, &[]).await;
+    let base = server.base.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(repo_root().join("tests/clients/openai_client.py"))
+            .args([&base, SMOLLM])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "the openai client failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let got: Value = serde_json::from_slice(&output.stdout).unwrap();
+    // What the library parsed must equal what the server sent without it.
+    let (_, whole) = server
+        .post(
+            "/v1/chat/completions",
+            json!({"model": SMOLLM, "messages": [{"role": "user", "content": "Name three colours."}],
+                   "max_tokens": 16, "temperature": 0}),
+        )
+        .await;
+    let text = whole["choices"][0]["message"]["content"].clone();
+    assert!(!text.as_str().unwrap().is_empty());
+    assert_eq!(got["whole"], text);
+    assert_eq!(got["streamed"], text, "the stream reassembles to the whole answer");
+    assert!(got["stream_chunks"].as_u64().unwrap() > 1, "{got}");
+    assert_eq!(got["roles"], json!(["assistant"]));
+    assert_eq!(got["stream_finish"], whole["choices"][0]["finish_reason"]);
+    assert_eq!(got["stream_usage"], whole["usage"]);
+    assert_eq!(got["whole_usage"], whole["usage"]);
+    assert!(got["completion"].as_str().unwrap().starts_with(" 5, 6"), "{got}");
+    assert_eq!(got["error"], json!({"status": 400, "param": "messages"}));
+}
