@@ -28,7 +28,7 @@ fn bench() {
         let layers: Vec<QLinear> = (0..copies)
             .map(|_| QLinear::new(QTensor::quantize(&w, dt).unwrap()).unwrap())
             .collect();
-        for rows in [1usize, 4, 16, 37] {
+        for rows in [1usize, 4, 8, 16, 37] {
             let x = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu).unwrap();
             let iters = (600 / copies).max(1) * copies;
             for l in &layers {

@@ -34,7 +34,7 @@ const QK: usize = 32;
 const LANES: usize = 16;
 /// Activation rows that share one pass over a group's weights. Four keeps the AVX-512 kernels'
 /// accumulators and the expanded weights in registers.
-const TILE_ROWS: usize = 4;
+const TILE_ROWS: usize = 8;
 /// Multiply-accumulates below which a call stays on the calling thread: waking the pool costs
 /// more than it saves on the smallest decode projections.
 const PARALLEL_MIN_WORK: usize = 1 << 19;
@@ -261,6 +261,10 @@ impl Packed {
                         1 => self.store(g, r0, &self.tile::<1>(isa, g, &acts, r0), dst),
                         2 => self.store(g, r0, &self.tile::<2>(isa, g, &acts, r0), dst),
                         3 => self.store(g, r0, &self.tile::<3>(isa, g, &acts, r0), dst),
+                        4 => self.store(g, r0, &self.tile::<4>(isa, g, &acts, r0), dst),
+                        5 => self.store(g, r0, &self.tile::<5>(isa, g, &acts, r0), dst),
+                        6 => self.store(g, r0, &self.tile::<6>(isa, g, &acts, r0), dst),
+                        7 => self.store(g, r0, &self.tile::<7>(isa, g, &acts, r0), dst),
                         _ => self.store(g, r0, &self.tile::<TILE_ROWS>(isa, g, &acts, r0), dst),
                     }
                     r0 += n;
@@ -517,7 +521,11 @@ mod x86 {
                         let xl = _mm512_set1_epi32(bcast4(x));
                         let xh = _mm512_set1_epi32(bcast4(x.add(QK / 2)));
                         lo_sum[r] = _mm512_dpbusd_epi32(lo_sum[r], lo, xl);
-                        hi_sum[r] = _mm512_dpbusd_epi32(hi_sum[r], hi, xh);
+                        if R > 2 {
+                            lo_sum[r] = _mm512_dpbusd_epi32(lo_sum[r], hi, xh);
+                        } else {
+                            hi_sum[r] = _mm512_dpbusd_epi32(hi_sum[r], hi, xh);
+                        }
                     }
                 }
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * 64).cast()));
