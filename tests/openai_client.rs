@@ -70,12 +70,18 @@ async fn the_openai_library_parses_our_responses_and_streams() {
     let text = whole["choices"][0]["message"]["content"].clone();
     assert!(!text.as_str().unwrap().is_empty());
     assert_eq!(got["whole"], text);
-    assert_eq!(got["streamed"], text, "the stream reassembles to the whole answer");
+    assert_eq!(
+        got["streamed"], text,
+        "the stream reassembles to the whole answer"
+    );
     assert!(got["stream_chunks"].as_u64().unwrap() > 1, "{got}");
     assert_eq!(got["roles"], json!(["assistant"]));
     assert_eq!(got["stream_finish"], whole["choices"][0]["finish_reason"]);
     assert_eq!(got["stream_usage"], whole["usage"]);
     assert_eq!(got["whole_usage"], whole["usage"]);
-    assert!(got["completion"].as_str().unwrap().starts_with(" 5, 6"), "{got}");
+    assert!(
+        got["completion"].as_str().unwrap().starts_with(" 5, 6"),
+        "{got}"
+    );
     assert_eq!(got["error"], json!({"status": 400, "param": "messages"}));
 }

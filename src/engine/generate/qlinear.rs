@@ -1,8 +1,9 @@
 //! A linear layer over GGUF Q4_1 and Q8_0 weights with integer CPU kernels.
 //!
 //! candle runs Q4_1 through its scalar generic dot product, which leaves CPU decoding an order of
-//! magnitude behind llama.cpp. Here each activation row is quantized the way ggml does it (Q8_1
-//! against Q4_1 weights, Q8_0 against Q8_0), and the block dot products run on AVX-512 VNNI,
+//! magnitude behind llama.cpp. Here each activation row is quantized as candle does it for these
+//! formats (Q8_1 against Q4_1 weights, Q8_0 against Q8_0, candle's versions of ggml's
+//! `quantize_row_q8_1` / `quantize_row_q8_0`), and the block dot products run on AVX-512 VNNI,
 //! AVX2, or portable scalar code, picked at run time. The file's quantisation is kept: the weight
 //! bytes are only reordered once at load, never dequantized.
 //!
@@ -34,7 +35,7 @@ const QK: usize = 32;
 const LANES: usize = 16;
 /// Activation rows that share one pass over a group's weights. Four keeps the AVX-512 kernels'
 /// accumulators and the expanded weights in registers.
-const TILE_ROWS: usize = 8;
+const TILE_ROWS: usize = 4;
 /// Multiply-accumulates below which a call stays on the calling thread: waking the pool costs
 /// more than it saves on the smallest decode projections.
 const PARALLEL_MIN_WORK: usize = 1 << 19;
@@ -48,7 +49,7 @@ enum Format {
 }
 
 impl Format {
-    /// Quant bytes of one block of a group: 16 columns of 16 nibble pairs or 32 bytes.
+    /// Quant bytes of one block of a group: 16 columns × 16 bytes of nibble pairs, or × 32 i8.
     const fn qs_bytes(self) -> usize {
         match self {
             Format::Q4_1 => LANES * QK / 2,
@@ -74,6 +75,7 @@ impl Format {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Isa {
     Scalar,
     Avx2,
@@ -261,10 +263,6 @@ impl Packed {
                         1 => self.store(g, r0, &self.tile::<1>(isa, g, &acts, r0), dst),
                         2 => self.store(g, r0, &self.tile::<2>(isa, g, &acts, r0), dst),
                         3 => self.store(g, r0, &self.tile::<3>(isa, g, &acts, r0), dst),
-                        4 => self.store(g, r0, &self.tile::<4>(isa, g, &acts, r0), dst),
-                        5 => self.store(g, r0, &self.tile::<5>(isa, g, &acts, r0), dst),
-                        6 => self.store(g, r0, &self.tile::<6>(isa, g, &acts, r0), dst),
-                        7 => self.store(g, r0, &self.tile::<7>(isa, g, &acts, r0), dst),
                         _ => self.store(g, r0, &self.tile::<TILE_ROWS>(isa, g, &acts, r0), dst),
                     }
                     r0 += n;
@@ -355,9 +353,9 @@ struct Acts {
     nb: usize,
     /// `[rows, in]`.
     qs: Vec<i8>,
-    /// `[rows, nb]` block scales, f16-rounded as ggml stores them.
+    /// `[rows, nb]` block scales, rounded to the f16 that the block format stores.
     d: Vec<f32>,
-    /// Q8_1 only, `[rows, nb]`: `d · Σq` as ggml stores it (f16), the term Q4_1's `m` multiplies.
+    /// Q8_1 only, `[rows, nb]`: the block's `s ≈ d · Σq` (f16), the term Q4_1's `m` multiplies.
     s: Vec<f32>,
     /// Q8_0 only, `[rows, nb]`: `128 · Σq`. VNNI multiplies unsigned by signed bytes, so the
     /// Q8_0 kernel offsets the weights by 128 and takes this back off.
@@ -365,8 +363,8 @@ struct Acts {
 }
 
 impl Acts {
-    /// ggml's `quantize_row_q8_1` (for Q4_1 weights) or `quantize_row_q8_0`, operation for
-    /// operation as candle's `BlockQ8_1::from_float` / `BlockQ8_0::from_float` do it.
+    /// candle's `BlockQ8_1::from_float` (for Q4_1 weights) or `BlockQ8_0::from_float`, operation
+    /// for operation, so that Q4_1 results stay candle's bit for bit.
     fn new(format: Format, x: &[f32], rows: usize, k: usize) -> Self {
         let nb = k / QK;
         let mut acts = Acts {
@@ -394,7 +392,8 @@ impl Acts {
                 sum += *q as i32;
             }
             match format {
-                // ggml rounds the sum to f16 and multiplies in f16.
+                // candle rounds Σq to f16 and multiplies in f16; ggml's reference rounds d · Σq
+                // once. They can differ in the last f16 bit; this follows candle.
                 Format::Q4_1 => acts.s[i] = (f16::from_f32(sum as f32) * dh).to_f32(),
                 Format::Q8_0 => acts.bias[i] = 128 * sum,
             }
@@ -418,7 +417,7 @@ fn f16_at(bytes: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([bytes[i], bytes[i + 1]]).to_f32()
 }
 
-/// The reference path, and the one for CPUs without AVX2.
+/// The portable path, and the reference that the tests hold the SIMD kernels to.
 fn tile_scalar<const R: usize>(
     format: Format,
     w: &[u8],
@@ -521,11 +520,7 @@ mod x86 {
                         let xl = _mm512_set1_epi32(bcast4(x));
                         let xh = _mm512_set1_epi32(bcast4(x.add(QK / 2)));
                         lo_sum[r] = _mm512_dpbusd_epi32(lo_sum[r], lo, xl);
-                        if R > 2 {
-                            lo_sum[r] = _mm512_dpbusd_epi32(lo_sum[r], hi, xh);
-                        } else {
-                            hi_sum[r] = _mm512_dpbusd_epi32(hi_sum[r], hi, xh);
-                        }
+                        hi_sum[r] = _mm512_dpbusd_epi32(hi_sum[r], hi, xh);
                     }
                 }
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * 64).cast()));
