@@ -66,42 +66,119 @@ fn tokenisation_equals_llama_cpp() {
     }
 }
 
+/// llama.cpp's own logits for the same prompt differ by σ ≈ 0.12 between its batched prompt
+/// evaluation and one-token-at-a-time evaluation (measured with llama-cpp-python 0.3.36), and
+/// ours differ from either by about as much: where its top two tokens are closer than this,
+/// either choice is a correct greedy step. 0.5 is four of those σ.
+const DECISIVE_MARGIN: f64 = 0.5;
+
+fn margins(case: &Value) -> Vec<f64> {
+    case["top2_margins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_f64().unwrap())
+        .collect()
+}
+
+/// Teacher-forced on llama.cpp's greedy path (so one near-tie does not end the comparison), our
+/// argmax must equal llama.cpp's token at every decisive step of every chat and completion
+/// case; templates and prompt tokens must match exactly.
 #[test]
-fn greedy_chat_equals_llama_cpp() {
+fn greedy_steps_equal_llama_cpp_wherever_it_is_decisive() {
     let g = generate::load(&smollm_gguf(), &Device::Cpu).unwrap();
     let f = fixture("smollm2_greedy.json");
     let template = g.template.as_ref().unwrap();
-    let mut mismatches = Vec::new();
+    let (mut decisive, mut agreed_near_ties, mut near_ties) = (0, 0, 0);
+    let mut disagreements = Vec::new();
     let chats = f["chat"].as_array().unwrap();
-    for case in chats {
-        let messages: Vec<ChatMessage> = case["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| ChatMessage {
-                role: m["role"].as_str().unwrap().into(),
-                content: m["content"].as_str().unwrap().into(),
-            })
-            .collect();
-        let prompt = template.render(&messages).unwrap();
-        assert_eq!(prompt, case["prompt"].as_str().unwrap());
+    let completions = f["completion"].as_array().unwrap();
+    assert!(
+        chats.len() >= 10,
+        "the fixture needs at least 10 chat prompts"
+    );
+    for case in chats.iter().chain(completions) {
+        let prompt = match case.get("messages") {
+            Some(messages) => {
+                let messages: Vec<ChatMessage> = messages
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: m["role"].as_str().unwrap().into(),
+                        content: m["content"].as_str().unwrap().into(),
+                    })
+                    .collect();
+                let rendered = template.render(&messages).unwrap();
+                assert_eq!(rendered, case["prompt"].as_str().unwrap());
+                rendered
+            }
+            None => case["prompt"].as_str().unwrap().to_string(),
+        };
         let prompt_ids = g.tokenizer.encode(&prompt).unwrap();
-        assert_eq!(prompt_ids, ids(&case["prompt_ids"]));
+        assert_eq!(prompt_ids, ids(&case["prompt_ids"]), "{prompt:?}");
         let want = ids(&case["greedy_ids"]);
-        let got = greedy(&g, &prompt_ids, want.len());
-        if got != want {
-            let at = got.iter().zip(&want).position(|(a, b)| a != b);
-            mismatches.push(format!(
-                "{:?}: first difference at {at:?}",
-                case["messages"]
-            ));
+        let margins = margins(case);
+        let mut cache = g.model.new_cache(prompt_ids.len() + want.len()).unwrap();
+        let mut logits = g
+            .model
+            .forward(&mut [Chunk {
+                tokens: &prompt_ids,
+                cache: &mut cache,
+                logits: true,
+            }])
+            .unwrap();
+        for (step, (&token, &margin)) in want.iter().zip(&margins).enumerate() {
+            let ours = argmax(&logits[0]);
+            if margin >= DECISIVE_MARGIN {
+                decisive += 1;
+                if ours != token {
+                    disagreements.push(format!(
+                        "{prompt:?} step {step}: {ours} vs {token} (margin {margin})"
+                    ));
+                }
+            } else {
+                near_ties += 1;
+                agreed_near_ties += usize::from(ours == token);
+            }
+            logits = g
+                .model
+                .forward(&mut [Chunk {
+                    tokens: &[token],
+                    cache: &mut cache,
+                    logits: true,
+                }])
+                .unwrap();
         }
     }
+    eprintln!("{decisive} decisive steps; near ties: {agreed_near_ties} of {near_ties} agreed");
     assert!(
-        mismatches.is_empty(),
-        "{} of {}:\n{}",
-        mismatches.len(),
-        chats.len(),
-        mismatches.join("\n")
+        decisive >= 300,
+        "too few decisive steps to mean much: {decisive}"
+    );
+    assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+}
+
+/// Free-running greedy generation (our own tokens fed back) follows llama.cpp's text up to the
+/// first near tie of every chat case.
+#[test]
+fn free_running_greedy_follows_llama_cpp_until_a_near_tie() {
+    let g = generate::load(&smollm_gguf(), &Device::Cpu).unwrap();
+    let f = fixture("smollm2_greedy.json");
+    let mut whole = 0;
+    let chats = f["chat"].as_array().unwrap();
+    for case in chats {
+        let want = ids(&case["greedy_ids"]);
+        let got = greedy(&g, &ids(&case["prompt_ids"]), want.len());
+        let sure = margins(case)
+            .iter()
+            .position(|&m| m < DECISIVE_MARGIN)
+            .unwrap_or(want.len());
+        assert_eq!(got[..sure], want[..sure], "{}", case["prompt"]);
+        whole += usize::from(got == want);
+    }
+    eprintln!(
+        "{whole} of {} chats equal llama.cpp for all their tokens",
+        chats.len()
     );
 }

@@ -18,10 +18,11 @@
 #
 # Notes on the vendored llama.cpp (commit 0c1e570, shipped with llama-cpp-python 0.3.36):
 #   - Its submodule git metadata is a shallow clone, so `--version` reports build number 1
-#     ("version: 1 (0c1e570)"); the commit hash is the meaningful part.
-#   - LLAMA_CURL is deprecated in this version (cmake prints a deprecation warning and ignores it);
-#     it is still passed so the command also works on older llama.cpp trees. HTTPS (not needed here)
-#     goes through LLAMA_OPENSSL instead.
+#     ("version: 0.5.0-dev (build 1, commit 0c1e570)"); the commit hash is the meaningful part.
+#   - LLAMA_CURL is deprecated in this version and ignored (it would only warn if set ON); it is
+#     still passed so the same command also works on older llama.cpp trees. Model download over
+#     HTTPS (not needed here) goes through LLAMA_OPENSSL instead, which finds Debian's libssl-dev
+#     when installed and is simply left out when it is not.
 #   - With LLAMA_BUILD_UI=OFF and LLAMA_USE_PREBUILT_UI=OFF the server is built without the
 #     embedded web UI (cmake warns "UI: no assets available"); no npm and no download at build time.
 #   - GGML_NATIVE=ON tunes for this CPU: the binary is not portable to other machines.
