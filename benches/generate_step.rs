@@ -1,0 +1,73 @@
+//! `cargo bench --bench generate_step`: the GGUF decoder alone on the real SmolLM2-135M-Instruct:
+//! prefill speed for one prompt, and one batched decode step for 1–16 running sequences (each
+//! with a 64-token context), medians of repeated runs. RAYON_NUM_THREADS picks the threads
+//! (default: all cores, as `ember serve` gives a generation-only repository).
+
+use std::time::Instant;
+
+use candle_core::Device;
+use ember::engine::generate::{self, Chunk};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/SmolLM2-135M-Instruct/weights/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(file.is_file(), "run models/fetch.sh first");
+    let g = generate::load(&file, &Device::Cpu).unwrap();
+    let model = &g.model;
+    let prompt: Vec<u32> = (0..256).map(|i| 1000 + (i * 37) % 20000).collect();
+    let times: Vec<f64> = (0..5)
+        .map(|_| {
+            let mut cache = model.new_cache(prompt.len()).unwrap();
+            let t = Instant::now();
+            model
+                .forward(&mut [Chunk { tokens: &prompt, cache: &mut cache, logits: true }])
+                .unwrap();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    let prefill = median(times);
+    println!(
+        "prefill 256 tokens: {:.1} ms, {:.0} tokens/s",
+        prefill * 1000.0,
+        256.0 / prefill
+    );
+    println!("{:>9} {:>10} {:>14} {:>16}", "sequences", "step ms", "tokens/s", "ms per sequence");
+    for n in [1usize, 2, 4, 8, 16] {
+        let mut caches: Vec<_> = (0..n)
+            .map(|i| {
+                let mut c = model.new_cache(64 + 64).unwrap();
+                let p: Vec<u32> = prompt[i..i + 64].to_vec();
+                model
+                    .forward(&mut [Chunk { tokens: &p, cache: &mut c, logits: false }])
+                    .unwrap();
+                c
+            })
+            .collect();
+        let tokens: Vec<u32> = (0..n as u32).map(|i| 500 + i).collect();
+        let times: Vec<f64> = (0..40)
+            .map(|_| {
+                let mut chunks: Vec<Chunk> = caches
+                    .iter_mut()
+                    .zip(&tokens)
+                    .map(|(c, t)| Chunk { tokens: std::slice::from_ref(t), cache: c, logits: true })
+                    .collect();
+                let t = Instant::now();
+                model.forward(&mut chunks).unwrap();
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        let step = median(times);
+        println!(
+            "{:>9} {:>10.2} {:>14.1} {:>16.2}",
+            n,
+            step * 1000.0,
+            n as f64 / step,
+            step * 1000.0 / n as f64
+        );
+    }
+}
