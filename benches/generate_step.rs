@@ -14,6 +14,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // As `ember serve` does; unset, candle re-reads /proc/cpuinfo on every op.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+    }
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("models/SmolLM2-135M-Instruct/weights/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(file.is_file(), "run models/fetch.sh first");
@@ -25,7 +30,11 @@ fn main() {
             let mut cache = model.new_cache(prompt.len()).unwrap();
             let t = Instant::now();
             model
-                .forward(&mut [Chunk { tokens: &prompt, cache: &mut cache, logits: true }])
+                .forward(&mut [Chunk {
+                    tokens: &prompt,
+                    cache: &mut cache,
+                    logits: true,
+                }])
                 .unwrap();
             t.elapsed().as_secs_f64()
         })
@@ -36,14 +45,26 @@ fn main() {
         prefill * 1000.0,
         256.0 / prefill
     );
-    println!("{:>9} {:>10} {:>14} {:>16}", "sequences", "step ms", "tokens/s", "ms per sequence");
-    for n in [1usize, 2, 4, 8, 16] {
+    println!(
+        "{:>9} {:>10} {:>14} {:>16}",
+        "sequences", "step ms", "tokens/s", "ms per sequence"
+    );
+    let counts: Vec<usize> = std::env::var("EMBER_BENCH_SEQUENCES")
+        .unwrap_or_else(|_| "1,2,4,8,16".into())
+        .split(',')
+        .map(|n| n.parse().expect("EMBER_BENCH_SEQUENCES is a list like 1,8"))
+        .collect();
+    for n in counts {
         let mut caches: Vec<_> = (0..n)
             .map(|i| {
                 let mut c = model.new_cache(64 + 64).unwrap();
                 let p: Vec<u32> = prompt[i..i + 64].to_vec();
                 model
-                    .forward(&mut [Chunk { tokens: &p, cache: &mut c, logits: false }])
+                    .forward(&mut [Chunk {
+                        tokens: &p,
+                        cache: &mut c,
+                        logits: false,
+                    }])
                     .unwrap();
                 c
             })
@@ -54,7 +75,11 @@ fn main() {
                 let mut chunks: Vec<Chunk> = caches
                     .iter_mut()
                     .zip(&tokens)
-                    .map(|(c, t)| Chunk { tokens: std::slice::from_ref(t), cache: c, logits: true })
+                    .map(|(c, t)| Chunk {
+                        tokens: std::slice::from_ref(t),
+                        cache: c,
+                        logits: true,
+                    })
                     .collect();
                 let t = Instant::now();
                 model.forward(&mut chunks).unwrap();

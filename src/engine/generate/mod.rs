@@ -1,6 +1,7 @@
 //! GGUF llama-family decoders: weights in their file's quantisation, the tokenizer and chat
 //! template from the file's metadata, sampling, and detokenisation for streaming.
 
+mod attention;
 pub mod gguf;
 pub mod model;
 pub mod qlinear;

@@ -7,6 +7,7 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
+use super::attention::{self, CpuKv};
 use super::gguf::LlamaConfig;
 use super::qlinear::QLinear;
 
@@ -34,14 +35,21 @@ pub struct Llama {
     device: Device,
 }
 
-/// One sequence's keys and values, preallocated for its whole token budget so that a decode step
-/// writes in place instead of copying the cache.
+/// One sequence's keys and values in f16, preallocated for its whole token budget so that a
+/// decode step writes in place instead of copying the cache.
 pub struct KvCache {
-    /// Per layer `[kv_heads, capacity, head_dim]`.
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
+    store: Store,
     len: usize,
     capacity: usize,
+}
+
+enum Store {
+    Cpu(CpuKv),
+    /// Per layer `[kv_heads, capacity, head_dim]` tensors on the model's device.
+    Device {
+        keys: Vec<Tensor>,
+        values: Vec<Tensor>,
+    },
 }
 
 impl KvCache {
@@ -134,18 +142,33 @@ impl Llama {
     /// A cache for a sequence of at most `capacity` tokens (prompt and generation).
     pub fn new_cache(&self, capacity: usize) -> candle_core::Result<KvCache> {
         let c = &self.config;
-        let shape = (c.kv_heads, capacity, c.head_dim);
-        let make = || -> candle_core::Result<Vec<Tensor>> {
-            (0..c.layers)
-                .map(|_| Tensor::zeros(shape, DType::F16, &self.device))
-                .collect()
+        let store = if self.device.is_cpu() {
+            Store::Cpu(CpuKv::new(c.layers, self.attention_shape(), capacity))
+        } else {
+            let shape = (c.kv_heads, capacity, c.head_dim);
+            let make = || -> candle_core::Result<Vec<Tensor>> {
+                (0..c.layers)
+                    .map(|_| Tensor::zeros(shape, DType::F16, &self.device))
+                    .collect()
+            };
+            Store::Device {
+                keys: make()?,
+                values: make()?,
+            }
         };
         Ok(KvCache {
-            keys: make()?,
-            values: make()?,
+            store,
             len: 0,
             capacity,
         })
+    }
+
+    fn attention_shape(&self) -> attention::Shape {
+        attention::Shape {
+            heads: self.config.heads,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.config.head_dim,
+        }
     }
 
     /// Runs the chunks' tokens through the model, appending to each chunk's cache. Returns one
@@ -199,23 +222,27 @@ impl Llama {
                 .forward(&h)?
                 .reshape((rows, c.kv_heads, c.head_dim))?
                 .transpose(0, 1)?;
-            let mut outputs = Vec::with_capacity(chunks.len());
-            let mut start = 0;
-            for chunk in chunks.iter_mut() {
-                let n = chunk.tokens.len();
-                if n == 0 {
-                    continue;
+            let attended = if self.device.is_cpu() {
+                self.attend_cpu(li, chunks, &q, &k, &v, rows)?
+            } else {
+                let mut outputs = Vec::with_capacity(chunks.len());
+                let mut start = 0;
+                for chunk in chunks.iter_mut() {
+                    let n = chunk.tokens.len();
+                    if n == 0 {
+                        continue;
+                    }
+                    outputs.push(self.attend(
+                        li,
+                        chunk.cache,
+                        &q.narrow(1, start, n)?,
+                        &k.narrow(1, start, n)?.contiguous()?,
+                        &v.narrow(1, start, n)?.contiguous()?,
+                    )?);
+                    start += n;
                 }
-                outputs.push(self.attend(
-                    li,
-                    chunk.cache,
-                    &q.narrow(1, start, n)?,
-                    &k.narrow(1, start, n)?.contiguous()?,
-                    &v.narrow(1, start, n)?.contiguous()?,
-                )?);
-                start += n;
-            }
-            let attended = Tensor::cat(&outputs, 0)?;
+                Tensor::cat(&outputs, 0)?
+            };
             x = (layer.o.forward(&attended)? + x)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let gated =
@@ -240,7 +267,44 @@ impl Llama {
         self.output.forward(&last)?.to_dtype(DType::F32)?.to_vec2()
     }
 
-    /// Attention of one sequence's new rows over its cache (after appending them).
+    /// Attention of every chunk's new rows over its cache, on CPU, in one parallel pass.
+    fn attend_cpu(
+        &self,
+        layer: usize,
+        chunks: &mut [Chunk],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rows: usize,
+    ) -> candle_core::Result<Tensor> {
+        let flat = |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
+        let (q, k, v) = (flat(q)?, flat(k)?, flat(&v.contiguous()?)?);
+        let mut start = 0;
+        let mut spans = Vec::with_capacity(chunks.len());
+        for chunk in chunks.iter_mut() {
+            let n = chunk.tokens.len();
+            let past = chunk.cache.len;
+            let Store::Cpu(cache) = &mut chunk.cache.store else {
+                candle_core::bail!("a device cache in a CPU forward pass");
+            };
+            spans.push(attention::Span {
+                cache,
+                start,
+                n,
+                past,
+            });
+            start += n;
+        }
+        let out = attention::attend(layer, self.attention_shape(), &mut spans, &q, &k, &v, rows);
+        Tensor::from_vec(
+            out,
+            (rows, self.config.heads * self.config.head_dim),
+            &self.device,
+        )
+    }
+
+    /// Attention of one sequence's new rows over its cache (after appending them), with
+    /// candle's ops, on devices other than the CPU.
     /// `q` is `[heads, n, head_dim]`, `k` and `v` `[kv_heads, n, head_dim]`; returns `[n, hidden]`.
     fn attend(
         &self,
@@ -253,15 +317,14 @@ impl Llama {
         let c = &self.config;
         let n = q.dim(1)?;
         let past = cache.len;
-        cache.keys[layer].slice_set(&k.to_dtype(DType::F16)?, 1, past)?;
-        cache.values[layer].slice_set(&v.to_dtype(DType::F16)?, 1, past)?;
+        let Store::Device { keys, values } = &mut cache.store else {
+            candle_core::bail!("a CPU cache in a device forward pass");
+        };
+        keys[layer].slice_set(&k.to_dtype(DType::F16)?, 1, past)?;
+        values[layer].slice_set(&v.to_dtype(DType::F16)?, 1, past)?;
         let total = past + n;
-        let keys = cache.keys[layer]
-            .narrow(1, 0, total)?
-            .to_dtype(DType::F32)?;
-        let values = cache.values[layer]
-            .narrow(1, 0, total)?
-            .to_dtype(DType::F32)?;
+        let keys = keys[layer].narrow(1, 0, total)?.to_dtype(DType::F32)?;
+        let values = values[layer].narrow(1, 0, total)?.to_dtype(DType::F32)?;
         let group = c.heads / c.kv_heads;
         // Query heads that share a KV head become rows of one matmul against it.
         // Queries and attention weights meet the f16 cache rounded to f16, as llama.cpp's CPU

@@ -27,7 +27,6 @@ use std::ops::Range;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use half::f16;
-use rayon::prelude::*;
 
 /// Quants per block, in both formats.
 const QK: usize = 32;
@@ -36,11 +35,9 @@ const LANES: usize = 16;
 /// Activation rows that share one pass over a group's weights. Four keeps the AVX-512 kernels'
 /// accumulators and the expanded weights in registers.
 const TILE_ROWS: usize = 4;
-/// Multiply-accumulates below which a call stays on the calling thread: waking the pool costs
-/// more than it saves on the smallest decode projections.
-const PARALLEL_MIN_WORK: usize = 1 << 19;
-/// Work items per pool thread, so that a thread slowed by other work is made up for by the rest.
-const CHUNKS_PER_THREAD: usize = 4;
+/// Multiply-accumulates below which a call stays on the calling thread (the pool's hand-off is
+/// not free either).
+const PARALLEL_MIN_WORK: usize = 1 << 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Format {
@@ -269,13 +266,13 @@ impl Packed {
                 }
             }
         };
-        let threads = rayon::current_num_threads();
-        if threads > 1 && self.groups > 1 && rows * self.out * k >= PARALLEL_MIN_WORK {
-            let chunks = (threads * CHUNKS_PER_THREAD).min(self.groups);
-            let groups = self.groups;
-            (0..chunks)
-                .into_par_iter()
-                .for_each(|c| run(c * groups / chunks..(c + 1) * groups / chunks));
+        // candle's own worker pool: its workers spin between ops (as llama.cpp's do) instead of
+        // sleeping, so the hand-off costs microseconds where rayon's wake-ups cost tens of them,
+        // and it is the pool candle's other ops already keep busy, so no second set of threads
+        // competes for the same cores.
+        let pool = candle_core::utils::barrier_pool();
+        if pool.n_workers() > 0 && self.groups > 1 && rows * self.out * k >= PARALLEL_MIN_WORK {
+            pool.execute_chunked(self.groups, run);
         } else {
             run(0..self.groups);
         }
