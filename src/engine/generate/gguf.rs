@@ -99,6 +99,13 @@ impl LlamaConfig {
             return Err("mixture-of-experts models are not supported".into());
         }
         let key = |k: &str| format!("{arch}.{k}");
+        // Scaled RoPE (linear, YaRN) changes every angle; serving it unscaled would be quietly
+        // wrong past the trained context, so refuse it until it is implemented.
+        if let Ok(scaling) = md.string(&key("rope.scaling.type")) {
+            if scaling != "none" {
+                return Err(format!("rope scaling {scaling:?} is not supported yet"));
+            }
+        }
         let hidden = md.u32(&key("embedding_length"))? as usize;
         let heads = md.u32(&key("attention.head_count"))? as usize;
         let kv_heads = md
@@ -135,5 +142,62 @@ impl LlamaConfig {
             vocab_size,
             architecture: arch,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::VersionedMagic;
+
+    fn content(extra: &[(&str, Value)]) -> Content {
+        let mut metadata: HashMap<String, Value> = [
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.block_count", Value::U32(2)),
+            ("llama.embedding_length", Value::U32(64)),
+            ("llama.feed_forward_length", Value::U32(128)),
+            ("llama.attention.head_count", Value::U32(4)),
+            ("llama.attention.head_count_kv", Value::U32(2)),
+            ("llama.context_length", Value::U32(512)),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+            ("llama.vocab_size", Value::U32(100)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in extra {
+            metadata.insert(k.to_string(), v.clone());
+        }
+        Content {
+            magic: VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    #[test]
+    fn reads_the_hyper_parameters_with_defaults() {
+        let c = LlamaConfig::from_gguf(&content(&[])).unwrap();
+        assert_eq!(
+            (c.heads, c.kv_heads, c.head_dim, c.rope_dim),
+            (4, 2, 16, 16)
+        );
+        assert_eq!(c.rope_base, 10_000.0);
+        assert!(!c.rope_neox);
+    }
+
+    #[test]
+    fn refuses_what_it_would_get_wrong() {
+        let err = |extra: &[(&str, Value)]| LlamaConfig::from_gguf(&content(extra)).unwrap_err();
+        assert!(err(&[("general.architecture", Value::String("gpt2".into()))]).contains("gpt2"));
+        assert!(err(&[("llama.rope.scaling.type", Value::String("yarn".into()))]).contains("yarn"));
+        assert!(err(&[("llama.attention.head_count_kv", Value::U32(3))]).contains("kv heads"));
+        assert!(err(&[("llama.expert_count", Value::U32(8))]).contains("experts"));
+        let ok = LlamaConfig::from_gguf(&content(&[(
+            "llama.rope.scaling.type",
+            Value::String("none".into()),
+        )]));
+        assert!(ok.is_ok());
     }
 }
