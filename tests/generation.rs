@@ -9,27 +9,7 @@ use common::*;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-/// A repository with only the generation model, so these tests do not pay for the encoder.
-fn smollm_repository(generate_table: &str) -> std::path::PathBuf {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "ember-gen-test-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-    ));
-    let folder = dir.join(SMOLLM);
-    std::fs::create_dir_all(&folder).unwrap();
-    std::fs::write(
-        folder.join("model.toml"),
-        format!(
-            "task = \"generate\"\nformat = \"gguf\"\npath = {:?}\n[generate]\n{generate_table}\n",
-            smollm_gguf().display().to_string()
-        ),
-    )
-    .unwrap();
-    dir
-}
-
+/// A server with only the generation model, so these tests do not pay for the encoder.
 async fn server(generate_table: &str) -> Server {
     Server::start(
         &smollm_repository(generate_table),

@@ -31,17 +31,7 @@ fn python() -> std::path::PathBuf {
 #[tokio::test]
 async fn the_openai_library_parses_our_responses_and_streams() {
     let python = python();
-    let dir = std::env::temp_dir().join(format!("ember-openai-test-{}", std::process::id()));
-    let folder = dir.join(SMOLLM);
-    std::fs::create_dir_all(&folder).unwrap();
-    std::fs::write(
-        folder.join("model.toml"),
-        format!(
-            "task = \"generate\"\nformat = \"gguf\"\npath = {:?}\n",
-            smollm_gguf().display().to_string()
-        ),
-    )
-    .unwrap();
+    let dir = smollm_repository("");
     let server = Server::start(&dir, &[]).await;
     let base = server.base.clone();
     let output = tokio::task::spawn_blocking(move || {

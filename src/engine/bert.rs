@@ -291,13 +291,7 @@ impl CustomOp1 for FastGelu {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fast-gelu-erf takes f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fast-gelu-erf takes a contiguous tensor");
-        };
-        let src = &data[start..end];
+        let src = super::contiguous_f32(self.name(), storage, layout)?;
         let mut out = vec![0f32; src.len()];
         gelu_slice(src, &mut out);
         Ok((CpuStorage::F32(out), layout.shape().clone()))

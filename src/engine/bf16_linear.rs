@@ -244,12 +244,7 @@ impl CustomOp1 for Bf16Linear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("bf16-linear takes f32 activations");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("bf16-linear takes a contiguous tensor");
-        };
+        let x = super::contiguous_f32(self.name(), storage, layout)?;
         let dims = layout.shape().dims();
         if dims.last() != Some(&self.inputs) {
             candle_core::bail!(
@@ -257,7 +252,6 @@ impl CustomOp1 for Bf16Linear {
                 self.inputs
             );
         }
-        let x = &data[start..end];
         let mut out = vec![0f32; x.len() / self.inputs * self.outputs];
         self.forward(x, &mut out);
         let mut shape = dims.to_vec();
@@ -269,18 +263,7 @@ impl CustomOp1 for Bf16Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::engine::pseudo_random;
 
     /// The same products in f64 from the bf16-rounded operands: what both kernels must equal
     /// up to f32 summation error.

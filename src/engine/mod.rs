@@ -8,6 +8,21 @@ pub mod generate;
 
 use std::path::PathBuf;
 
+/// The contiguous f32 data of a custom op's input, or why the op cannot take it.
+pub(crate) fn contiguous_f32<'a>(
+    op: &str,
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op} takes f32");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op} takes a contiguous tensor");
+    };
+    Ok(&data[start..end])
+}
+
 /// The device models are loaded on, parsed from `--device` (`cpu`, `cuda`, `cuda:N`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -74,4 +89,19 @@ impl EngineError {
             message: message.to_string(),
         }
     }
+}
+
+/// Reproducible test data for the kernels' unit tests.
+#[cfg(test)]
+pub(crate) fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+    // xorshift32: uniform enough in [-1, 1) and the same everywhere.
+    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+        })
+        .collect()
 }

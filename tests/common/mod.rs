@@ -45,12 +45,7 @@ pub fn smollm_gguf() -> PathBuf {
 /// A throw-away model repository holding the demo encoder under `name` with this `[batching]`
 /// table (TOML lines), pointing at the real weights.
 pub fn repository_with(models: &[(&str, &str)]) -> PathBuf {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "ember-test-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    ));
+    let dir = temp_repository();
     let weights = minilm_weights();
     for (name, batching) in models {
         let folder = dir.join(name);
@@ -65,6 +60,33 @@ pub fn repository_with(models: &[(&str, &str)]) -> PathBuf {
         .unwrap();
     }
     dir
+}
+
+/// A throw-away model repository holding the demo generation model with this `[generate]`
+/// table (TOML lines), pointing at the real GGUF.
+pub fn smollm_repository(generate_table: &str) -> PathBuf {
+    let dir = temp_repository();
+    let folder = dir.join(SMOLLM);
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("model.toml"),
+        format!(
+            "task = \"generate\"\nformat = \"gguf\"\npath = {:?}\n[generate]\n{generate_table}\n",
+            smollm_gguf().display().to_string()
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// A fresh folder name under the system's temp dir, unique within this test run.
+fn temp_repository() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "ember-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ))
 }
 
 /// A running `ember serve`, killed when dropped.

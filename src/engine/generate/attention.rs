@@ -189,18 +189,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::engine::pseudo_random as values;
 
     /// Causal grouped-query attention over f16-rounded keys, values and queries, in f64.
     fn reference(shape: Shape, q: &[f32], k: &[f32], v: &[f32], rows: usize) -> Vec<f32> {

@@ -358,45 +358,58 @@ async fn chat(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Labeled<Result<Response, OpenAiError>> {
-    let mut label = None;
-    let result = async {
-        let req: ChatRequest = parse_json(body)?;
-        let model = generation_model(&state, &req.model)?;
-        label = Some(req.model.clone());
-        let messages = parse_messages(req.messages)?;
-        let params = req.sampling.into_params()?;
-        let generation = model.generate(Prompt::Chat(messages), params).await?;
-        let meta = Meta::new(Kind::Chat, req.model);
-        respond(
-            meta,
-            generation,
+    handle(&state, body, Kind::Chat, |req: ChatRequest| {
+        let prompt = Prompt::Chat(parse_messages(req.messages)?);
+        Ok((
+            req.model,
+            prompt,
             req.stream,
-            req.stream_options.unwrap_or_default(),
-        )
-        .await
-    }
-    .await;
-    Labeled(label, result.map_err(OpenAiError))
+            req.stream_options,
+            req.sampling,
+        ))
+    })
+    .await
 }
 
 async fn completions(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Labeled<Result<Response, OpenAiError>> {
+    handle(&state, body, Kind::Completion, |req: CompletionRequest| {
+        let prompt = parse_prompt(req.prompt)?;
+        Ok((
+            req.model,
+            prompt,
+            req.stream,
+            req.stream_options,
+            req.sampling,
+        ))
+    })
+    .await
+}
+
+/// What both routes take from their request: model, prompt, stream flags and sampling.
+type Parsed = (String, Prompt, bool, Option<StreamOptions>, SamplingFields);
+
+/// Parse, check the model, generate, answer: the same for chat and completions once `parse`
+/// has turned the route's request into a prompt.
+async fn handle<R: serde::de::DeserializeOwned>(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+    parse: impl FnOnce(R) -> Result<Parsed, ApiError>,
+) -> Labeled<Result<Response, OpenAiError>> {
     let mut label = None;
     let result = async {
-        let req: CompletionRequest = parse_json(body)?;
-        let model = generation_model(&state, &req.model)?;
-        label = Some(req.model.clone());
-        let prompt = parse_prompt(req.prompt)?;
-        let params = req.sampling.into_params()?;
-        let generation = model.generate(prompt, params).await?;
-        let meta = Meta::new(Kind::Completion, req.model);
+        let (name, prompt, stream, options, sampling) = parse(parse_json(body)?)?;
+        let model = generation_model(state, &name)?;
+        label = Some(name.clone());
+        let generation = model.generate(prompt, sampling.into_params()?).await?;
         respond(
-            meta,
+            Meta::new(kind, name),
             generation,
-            req.stream,
-            req.stream_options.unwrap_or_default(),
+            stream,
+            options.unwrap_or_default(),
         )
         .await
     }
