@@ -107,11 +107,18 @@ async fn serve(args: ServeArgs, specs: Vec<ModelSpec>) -> anyhow::Result<()> {
         args.shutdown_grace(),
     ));
 
-    for spec in specs {
+    // Models load side by side (each on the blocking pool): start-up takes the slowest
+    // model's time, not the sum.
+    let loads = specs.into_iter().map(|spec| {
         let name = spec.name.clone();
-        let model = registry::load(spec, device.clone(), &state.metrics)
-            .await
-            .map_err(|e| anyhow::anyhow!("model {name}: {e}"))?;
+        let (device, metrics) = (device.clone(), &state.metrics);
+        async move {
+            registry::load(spec, device, metrics)
+                .await
+                .map_err(|e| anyhow::anyhow!("model {name}: {e}"))
+        }
+    });
+    for model in futures::future::try_join_all(loads).await? {
         state.registry.insert(model);
     }
     state.health.set_loaded();
