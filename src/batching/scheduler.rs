@@ -155,7 +155,9 @@ impl<D: Decoder> Worker<D> {
     fn run(mut self) {
         loop {
             if self.running.is_empty() && self.queue.is_empty() {
-                // Idle: sleep until a request comes; every sender gone means shutdown.
+                // Idle: say so, then sleep until a request comes; every sender gone means
+                // shutdown.
+                self.publish_gauges();
                 match self.rx.recv() {
                     Ok(r) => self.queue.push_back(r),
                     Err(_) => return,
@@ -560,6 +562,24 @@ mod tests {
                 prefill <= 4,
                 "a step took {prefill} prompt tokens (chunk is 4)"
             );
+        }
+    }
+
+    #[test]
+    fn gauges_return_to_zero_when_the_work_is_done() {
+        let metrics = GenerateMetrics::detached();
+        let s = Scheduler::spawn("m", Fake::default(), policy(), metrics.clone()).unwrap();
+        let (r, mut rx) = request(vec![1, 2, 3], 4);
+        s.submit(r).unwrap();
+        collect(&mut rx);
+        // The worker publishes right after its last step; wait for it, boundedly.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metrics.running_sequences.get() != 0 || metrics.kv_cache_tokens.get() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "gauges stuck after the last sequence left"
+            );
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
