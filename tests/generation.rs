@@ -344,13 +344,20 @@ async fn bad_generation_requests_get_openai_errors() {
         assert_eq!(err["error"]["param"], param, "{body} → {err}");
         assert!(!err["error"]["message"].as_str().unwrap().is_empty());
     }
-    let (got, err) = server
-        .post(
-            "/v1/completions",
-            json!({"model": SMOLLM, "prompt": ["a", "b"]}),
-        )
-        .await;
-    assert_eq!((got, err["error"]["param"].clone()), (400, json!("prompt")));
+    // Several prompts, and one too long for the context: both the completions' `prompt`.
+    for prompt in [json!(["a", "b"]), json!("word ".repeat(80))] {
+        let (got, err) = server
+            .post(
+                "/v1/completions",
+                json!({"model": SMOLLM, "prompt": prompt}),
+            )
+            .await;
+        assert_eq!(
+            (got, err["error"]["param"].clone()),
+            (400, json!("prompt")),
+            "{err}"
+        );
+    }
     let (got, _) = server.post_raw("/v1/chat/completions", "{\"model\":").await;
     assert_eq!(got, 400);
 }

@@ -98,8 +98,13 @@ impl GenerationModel {
         params: GenerateParams,
     ) -> Result<Generation, ModelError> {
         let arrived = Instant::now();
+        // The request field that holds the prompt, for errors about its length.
+        let field = match prompt {
+            Prompt::Chat(_) => "messages",
+            Prompt::Text(_) | Prompt::Tokens(_) => "prompt",
+        };
         let ids = self.tokenize(prompt).await?;
-        let max_tokens = self.check_budget(ids.len(), params.max_tokens)?;
+        let max_tokens = self.check_budget(ids.len(), params.max_tokens, field)?;
         let (events, rx) = mpsc::unbounded_channel();
         let prompt_tokens = ids.len();
         self.scheduler.submit(GenerationRequest {
@@ -171,11 +176,16 @@ impl GenerationModel {
     }
 
     /// The `max_tokens` this request gets, or why it cannot run.
-    fn check_budget(&self, prompt: usize, asked: Option<usize>) -> Result<usize, ModelError> {
+    fn check_budget(
+        &self,
+        prompt: usize,
+        asked: Option<usize>,
+        field: &'static str,
+    ) -> Result<usize, ModelError> {
         let context = self.context_length;
         if prompt >= context {
             return Err(ModelError::InvalidParameter {
-                param: "messages",
+                param: field,
                 message: format!(
                     "the prompt has {prompt} tokens; model {} has a context of {context} tokens, \
                      which must also hold at least one generated token",
