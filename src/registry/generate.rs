@@ -39,7 +39,6 @@ pub struct GenerateParams {
 /// sequence at the next step.
 pub struct Generation {
     pub events: mpsc::UnboundedReceiver<Event>,
-    pub prompt_tokens: usize,
 }
 
 pub struct GenerationModel {
@@ -106,7 +105,6 @@ impl GenerationModel {
         let ids = self.tokenize(prompt).await?;
         let max_tokens = self.check_budget(ids.len(), params.max_tokens, field)?;
         let (events, rx) = mpsc::unbounded_channel();
-        let prompt_tokens = ids.len();
         self.scheduler.submit(GenerationRequest {
             prompt: ids,
             max_tokens,
@@ -115,10 +113,7 @@ impl GenerationModel {
             events,
             arrived,
         })?;
-        Ok(Generation {
-            events: rx,
-            prompt_tokens,
-        })
+        Ok(Generation { events: rx })
     }
 
     /// Template rendering and BPE on a long prompt take milliseconds: off the runtime.

@@ -80,7 +80,6 @@ pub struct LlamaConfig {
     pub rope_dim: usize,
     /// NEOX-style rotation (halves) instead of llama's interleaved pairs.
     pub rope_neox: bool,
-    pub vocab_size: usize,
 }
 
 /// Architectures whose tensors follow llama's names and shapes.
@@ -121,10 +120,6 @@ impl LlamaConfig {
             ));
         }
         let head_dim = hidden / heads;
-        let vocab_size = match md.opt_u32(&key("vocab_size")) {
-            Some(v) => v as usize,
-            None => md.strings("tokenizer.ggml.tokens")?.len(),
-        };
         Ok(Self {
             layers: md.u32(&key("block_count"))? as usize,
             hidden,
@@ -139,7 +134,6 @@ impl LlamaConfig {
                 .opt_u32(&key("rope.dimension_count"))
                 .map_or(head_dim, |d| d as usize),
             rope_neox: arch == "qwen2",
-            vocab_size,
             architecture: arch,
         })
     }

@@ -29,10 +29,8 @@ pub use tokenizer::GgufTokenizer;
 pub struct GenerateInfo {
     pub architecture: String,
     pub context_length: usize,
-    pub vocab_size: usize,
     pub parameters: usize,
     pub quantization: String,
-    pub kv_bytes_per_token: usize,
 }
 
 /// A decoder and the text side that goes with it.
@@ -102,10 +100,8 @@ pub fn load(path: &Path, device: &Device) -> Result<Generator, EngineError> {
     let info = GenerateInfo {
         architecture: config.architecture.clone(),
         context_length: config.context_length,
-        vocab_size: config.vocab_size,
         parameters,
         quantization: kinds.join("+"),
-        kv_bytes_per_token: model.kv_bytes_per_token(),
     };
     Ok(Generator {
         model,

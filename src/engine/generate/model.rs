@@ -52,20 +52,6 @@ enum Store {
     },
 }
 
-impl KvCache {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-}
-
 /// New tokens of one sequence for one forward pass.
 pub struct Chunk<'a> {
     pub tokens: &'a [u32],
@@ -128,15 +114,6 @@ impl Llama {
             device: device.clone(),
             config,
         })
-    }
-
-    pub fn config(&self) -> &LlamaConfig {
-        &self.config
-    }
-
-    /// Bytes of KV cache one token takes (keys and values, f16).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.config.layers * self.config.kv_heads * self.config.head_dim * 2
     }
 
     /// A cache for a sequence of at most `capacity` tokens (prompt and generation).
