@@ -12,7 +12,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::BatchError;
-use crate::engine::generate::{Sampler, SamplingParams, TextStream};
+use crate::engine::generate::{Chunk, Sampler, SamplingParams, TextStream};
 use crate::metrics::GenerateMetrics;
 use crate::repository::GeneratePolicy;
 
@@ -20,18 +20,11 @@ use crate::repository::GeneratePolicy;
 pub trait Decoder: Send + 'static {
     type Cache: Send;
     fn new_cache(&self, capacity: usize) -> Result<Self::Cache, String>;
-    /// Appends each chunk's tokens to its cache; one logits row per chunk with `want_logits`.
-    fn forward(&self, chunks: &mut [DecodeChunk<'_, Self::Cache>])
-        -> Result<Vec<Vec<f32>>, String>;
+    /// Appends each chunk's tokens to its cache; one logits row per chunk that asks for them.
+    fn forward(&self, chunks: &mut [Chunk<'_, Self::Cache>]) -> Result<Vec<Vec<f32>>, String>;
     /// Bytes a token adds to the generated text.
     fn piece(&self, token: u32) -> &[u8];
     fn is_end_of_generation(&self, token: u32) -> bool;
-}
-
-pub struct DecodeChunk<'a, C> {
-    pub tokens: &'a [u32],
-    pub cache: &'a mut C,
-    pub want_logits: bool,
 }
 
 /// One generation request, already tokenised and validated.
@@ -252,34 +245,27 @@ impl<D: Decoder> Worker<D> {
         let started = Instant::now();
         // Prompt tokens this step may take, shared first come first served.
         let mut prefill_budget = self.policy.prefill_chunk;
+        // (sequence, tokens taken, logits wanted) for every sequence in this step.
         let mut plan: Vec<(usize, usize, bool)> = Vec::with_capacity(self.running.len());
-        for (i, s) in self.running.iter().enumerate() {
-            if let Some(_token) = s.next {
-                plan.push((i, 1, true));
-            } else if prefill_budget > 0 {
-                let left = s.request.prompt.len() - s.prefilled;
-                let take = left.min(prefill_budget);
-                prefill_budget -= take;
-                plan.push((i, take, take == left));
-            }
-        }
-        let tokens: usize = plan.iter().map(|p| p.1).sum();
         let outcome = {
-            let mut chunks = Vec::with_capacity(plan.len());
-            let mut planned = plan.iter().peekable();
+            let mut chunks = Vec::with_capacity(self.running.len());
             for (i, s) in self.running.iter_mut().enumerate() {
-                let Some(&&(_, take, want_logits)) = planned.peek().filter(|p| p.0 == i) else {
-                    continue;
+                let (tokens, logits): (&[u32], bool) = match &s.next {
+                    Some(t) => (std::slice::from_ref(t), true),
+                    None if prefill_budget > 0 => {
+                        let left = s.request.prompt.len() - s.prefilled;
+                        let take = left.min(prefill_budget);
+                        prefill_budget -= take;
+                        let slice = &s.request.prompt[s.prefilled..s.prefilled + take];
+                        (slice, take == left)
+                    }
+                    None => continue,
                 };
-                planned.next();
-                let tokens: &[u32] = match &s.next {
-                    Some(t) => std::slice::from_ref(t),
-                    None => &s.request.prompt[s.prefilled..s.prefilled + take],
-                };
-                chunks.push(DecodeChunk {
+                plan.push((i, tokens.len(), logits));
+                chunks.push(Chunk {
                     tokens,
                     cache: &mut s.cache,
-                    want_logits,
+                    logits,
                 });
             }
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -292,6 +278,7 @@ impl<D: Decoder> Worker<D> {
             .inference_duration_seconds
             .observe(started.elapsed().as_secs_f64());
         m.batch.batch_size_items.observe(plan.len() as f64);
+        let tokens: usize = plan.iter().map(|p| p.1).sum();
         m.batch.batch_size_tokens.observe(tokens as f64);
         let logits = match outcome {
             Ok(l) => l,
@@ -422,10 +409,7 @@ mod tests {
             Ok(Vec::with_capacity(capacity))
         }
 
-        fn forward(
-            &self,
-            chunks: &mut [DecodeChunk<'_, Vec<u32>>],
-        ) -> Result<Vec<Vec<f32>>, String> {
+        fn forward(&self, chunks: &mut [Chunk<'_, Vec<u32>>]) -> Result<Vec<Vec<f32>>, String> {
             // Slow enough that a long generation is still running when a test looks.
             std::thread::sleep(Duration::from_micros(100));
             self.steps
@@ -439,7 +423,7 @@ mod tests {
                     "over budget"
                 );
                 c.cache.extend_from_slice(c.tokens);
-                if c.want_logits {
+                if c.logits {
                     let next = if c.cache.last() == Some(&0) {
                         EOG
                     } else {

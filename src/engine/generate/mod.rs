@@ -118,21 +118,8 @@ impl crate::batching::scheduler::Decoder for Generator {
         self.model.new_cache(capacity).map_err(|e| e.to_string())
     }
 
-    fn forward(
-        &self,
-        chunks: &mut [crate::batching::scheduler::DecodeChunk<'_, KvCache>],
-    ) -> Result<Vec<Vec<f32>>, String> {
-        let mut model_chunks: Vec<Chunk> = chunks
-            .iter_mut()
-            .map(|c| Chunk {
-                tokens: c.tokens,
-                cache: &mut *c.cache,
-                logits: c.want_logits,
-            })
-            .collect();
-        self.model
-            .forward(&mut model_chunks)
-            .map_err(|e| e.to_string())
+    fn forward(&self, chunks: &mut [Chunk]) -> Result<Vec<Vec<f32>>, String> {
+        self.model.forward(chunks).map_err(|e| e.to_string())
     }
 
     fn piece(&self, token: u32) -> &[u8] {

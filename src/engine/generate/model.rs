@@ -52,10 +52,11 @@ enum Store {
     },
 }
 
-/// New tokens of one sequence for one forward pass.
-pub struct Chunk<'a> {
+/// New tokens of one sequence for one forward pass, with the cache they extend (generic so the
+/// scheduler can speak of any decoder's cache).
+pub struct Chunk<'a, C = KvCache> {
     pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
+    pub cache: &'a mut C,
     /// Whether the caller needs logits after the last token (false mid-prompt).
     pub logits: bool,
 }
