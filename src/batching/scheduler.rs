@@ -45,6 +45,16 @@ pub enum FinishReason {
     Length,
 }
 
+impl FinishReason {
+    /// The name both APIs use (OpenAI's `finish_reason`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// New text (never empty), and the tokens produced since the last event.

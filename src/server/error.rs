@@ -133,22 +133,26 @@ impl<E: Into<ApiError>> From<E> for KServeError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        let e = self.0;
-        let kind = match e.status.as_u16() {
-            401 => "authentication_error",
-            403 => "permission_error",
-            404 if e.code == "model_not_found" => "invalid_request_error",
-            404 => "not_found_error",
-            429 => "rate_limit_error",
-            503 => "overloaded_error",
-            s if s >= 500 => "server_error",
-            _ => "invalid_request_error",
-        };
-        let body = json!({"error": {
-            "message": e.message, "type": kind, "param": e.param, "code": e.code,
-        }});
-        finish(&e, Json(body).into_response())
+        let body = openai_body(&self.0);
+        finish(&self.0, Json(body).into_response())
     }
+}
+
+/// OpenAI's error body for `e`; also sent as the last event of a stream that fails.
+pub fn openai_body(e: &ApiError) -> serde_json::Value {
+    let kind = match e.status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 if e.code == "model_not_found" => "invalid_request_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        503 => "overloaded_error",
+        s if s >= 500 => "server_error",
+        _ => "invalid_request_error",
+    };
+    json!({"error": {
+        "message": e.message, "type": kind, "param": e.param, "code": e.code,
+    }})
 }
 
 impl IntoResponse for KServeError {

@@ -19,7 +19,7 @@ use super::{generation_model, Labeled};
 use crate::batching::scheduler::{Event, FinishReason};
 use crate::engine::generate::{ChatMessage, SamplingParams};
 use crate::registry::{GenerateParams, Generation, Prompt};
-use crate::server::error::{parse_json, ApiError, OpenAiError};
+use crate::server::error::{openai_body, parse_json, ApiError, OpenAiError};
 use crate::server::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -302,7 +302,7 @@ impl Meta {
 
     /// One choice carrying `text` (and the finish reason when it is the last).
     fn choice(&self, text: Option<&str>, finish: Option<FinishReason>, streaming: bool) -> Value {
-        let finish = finish.map(finish_name);
+        let finish = finish.map(FinishReason::as_str);
         match self.kind {
             Kind::Chat if streaming => {
                 let delta = text.map_or_else(|| json!({}), |t| json!({ "content": t }));
@@ -330,13 +330,6 @@ impl Meta {
             v["usage"] = u;
         }
         v
-    }
-}
-
-fn finish_name(f: FinishReason) -> &'static str {
-    match f {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
     }
 }
 
@@ -469,9 +462,12 @@ pub(super) async fn collect(mut generation: Generation) -> Result<Whole, ApiErro
             Event::Failed(message) => return Err(generation_failed(message)),
         }
     }
-    Err(generation_failed(
-        "the generation stopped without finishing".into(),
-    ))
+    Err(unfinished())
+}
+
+/// The event channel closed without a Done: the scheduler is gone.
+fn unfinished() -> ApiError {
+    generation_failed("the generation stopped without finishing".into())
 }
 
 fn generation_failed(message: String) -> ApiError {
@@ -500,7 +496,7 @@ fn sse_stream(
             let chunk = meta.body(vec![choice], None, true);
             return Some((vec![data(chunk)], (Some(generation), meta, false)));
         }
-        let events = match generation.events.recv().await {
+        let mut events = match generation.events.recv().await {
             Some(Event::Text { text, .. }) => {
                 let chunk = meta.body(vec![meta.choice(Some(&text), None, true)], None, true);
                 return Some((vec![data(chunk)], (Some(generation), meta, false)));
@@ -524,19 +520,10 @@ fn sse_stream(
                 }
                 out
             }
-            Some(Event::Failed(message)) => {
-                vec![data(
-                    json!({"error": {"message": message, "type": "server_error",
-                                           "param": null, "code": "generation_failed"}}),
-                )]
-            }
-            None => vec![data(
-                json!({"error": {"message": "the generation stopped without finishing",
-                                               "type": "server_error", "param": null,
-                                               "code": "generation_failed"}}),
-            )],
+            // Headers are sent: the error travels as a last event, in OpenAI's error shape.
+            Some(Event::Failed(message)) => vec![data(openai_body(&generation_failed(message)))],
+            None => vec![data(openai_body(&unfinished()))],
         };
-        let mut events = events;
         events.push(Ok(SseEvent::default().data("[DONE]")));
         Some((events, (None, meta, false)))
     })

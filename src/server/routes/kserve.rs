@@ -236,10 +236,7 @@ async fn infer_generate(
         model_version: "1",
         id: req.id,
         parameters: Some(json!({
-            "finish_reason": match whole.finish {
-                crate::batching::scheduler::FinishReason::Stop => "stop",
-                crate::batching::scheduler::FinishReason::Length => "length",
-            },
+            "finish_reason": whole.finish.as_str(),
             "prompt_tokens": whole.prompt_tokens,
             "completion_tokens": whole.completion_tokens,
         })),
