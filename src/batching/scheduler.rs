@@ -37,6 +37,13 @@ pub struct GenerationRequest {
     pub arrived: Instant,
 }
 
+impl GenerationRequest {
+    /// KV-cache tokens the request holds while it runs: its prompt and all it may generate.
+    fn reserve(&self) -> usize {
+        self.prompt.len() + self.max_tokens
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// End-of-generation token or a stop string.
@@ -139,7 +146,6 @@ struct Sequence<C> {
     first_token_at: Option<Instant>,
     /// Tokens produced since the last text event.
     unsent_tokens: usize,
-    reserve: usize,
 }
 
 struct Worker<D: Decoder> {
@@ -188,7 +194,7 @@ impl<D: Decoder> Worker<D> {
         self.running.retain(|s| {
             let keep = !s.request.events.is_closed();
             if !keep {
-                freed += s.reserve;
+                freed += s.request.reserve();
             }
             keep
         });
@@ -207,7 +213,7 @@ impl<D: Decoder> Worker<D> {
             let Some(head) = self.queue.front() else {
                 break;
             };
-            let reserve = head.prompt.len() + head.max_tokens;
+            let reserve = head.reserve();
             if self.reserved + reserve > self.policy.max_total_tokens && !self.running.is_empty() {
                 break;
             }
@@ -237,7 +243,6 @@ impl<D: Decoder> Worker<D> {
                 text,
                 first_token_at: None,
                 unsent_tokens: 0,
-                reserve,
             });
         }
     }
@@ -330,7 +335,7 @@ impl<D: Decoder> Worker<D> {
         // Descending, so earlier indices stay valid; `remove` keeps admission order.
         for i in finished.into_iter().rev() {
             let s = self.running.remove(i);
-            self.reserved -= s.reserve;
+            self.reserved -= s.request.reserve();
         }
     }
 

@@ -86,22 +86,16 @@ pub fn attend(
     } = shape;
     for span in spans.iter_mut() {
         let cap = span.cache.capacity;
-        for h in 0..kv_heads {
-            for i in 0..span.n {
-                let src = (h * rows + span.start + i) * d;
-                let dst = (h * cap + span.past + i) * d;
-                for (c, &x) in span.cache.keys[layer][dst..dst + d]
-                    .iter_mut()
-                    .zip(&k[src..src + d])
-                {
-                    *c = f16::from_f32(x);
-                }
-                for (c, &x) in span.cache.values[layer][dst..dst + d]
-                    .iter_mut()
-                    .zip(&v[src..src + d])
-                {
-                    *c = f16::from_f32(x);
-                }
+        for (cache, new) in [
+            (&mut span.cache.keys[layer], k),
+            (&mut span.cache.values[layer], v),
+        ] {
+            for h in 0..kv_heads {
+                // This head's new rows are contiguous in both layouts.
+                let src = (h * rows + span.start) * d;
+                let dst = (h * cap + span.past) * d;
+                let len = span.n * d;
+                cache[dst..dst + len].convert_from_f32_slice(&new[src..src + len]);
             }
         }
     }

@@ -71,11 +71,8 @@ pub fn load(path: &Path, device: &Device) -> Result<Generator, EngineError> {
     let tokenizer = GgufTokenizer::from_metadata(&md).map_err(|e| fail(&e))?;
     let template = match md.string("tokenizer.chat_template") {
         Ok(source) => {
-            let text = |id: Option<u32>| {
-                id.and_then(|i| tokenizer.token_text(i))
-                    .unwrap_or_default()
-                    .to_string()
-            };
+            let text =
+                |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
             Some(Arc::new(
                 ChatTemplate::new(source, &text(tokenizer.bos), &text(Some(tokenizer.eos)))
                     .map_err(|e| fail(&e))?,

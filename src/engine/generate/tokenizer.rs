@@ -55,7 +55,6 @@ pub struct GgufTokenizer {
     tokenizer: Tokenizer,
     /// The bytes each id stands for in generated text (empty for control tokens).
     pieces: Vec<Vec<u8>>,
-    texts: Vec<String>,
     pub bos: Option<u32>,
     pub eos: u32,
     pub add_bos: bool,
@@ -178,7 +177,6 @@ impl GgufTokenizer {
         Ok(Self {
             tokenizer,
             pieces,
-            texts: tokens.iter().map(|t| t.to_string()).collect(),
             bos: md.opt_u32("tokenizer.ggml.bos_token_id"),
             eos,
             add_bos: md.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
@@ -207,8 +205,8 @@ impl GgufTokenizer {
     }
 
     /// A token's text as stored in the vocabulary (for the chat template's special tokens).
-    pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.texts.get(id as usize).map(String::as_str)
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
     }
 
     pub fn vocab_size(&self) -> usize {
