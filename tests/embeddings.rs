@@ -67,11 +67,8 @@ async fn embeddings_match_the_reference_one_by_one_and_in_one_request() {
 async fn token_id_inputs_match_the_reference() {
     let server = Server::start_default().await;
     let cases = reference_cases();
-    let fixture: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("tests/fixtures/minilm_token_ids.json")).unwrap(),
-    )
-    .unwrap();
-    let entries = fixture["cases"].as_array().unwrap();
+    let token_ids = fixture("minilm_token_ids.json");
+    let entries = token_ids["cases"].as_array().unwrap();
     let ids: Vec<&serde_json::Value> = entries.iter().map(|e| &e["ids"]).collect();
     let (status, body) = server
         .post("/v1/embeddings", json!({"model": MINILM, "input": ids}))

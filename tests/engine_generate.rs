@@ -8,11 +8,6 @@ use common::*;
 use ember::engine::generate::{self, sampler::argmax, ChatMessage, Chunk, Generator};
 use serde_json::Value;
 
-fn fixture(name: &str) -> Value {
-    let path = repo_root().join("tests/fixtures").join(name);
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -64,21 +59,6 @@ fn tokenisation_equals_llama_cpp() {
             "{text:?}"
         );
     }
-}
-
-/// llama.cpp's own logits for the same prompt differ by σ ≈ 0.12 between its batched prompt
-/// evaluation and one-token-at-a-time evaluation (measured with llama-cpp-python 0.3.36), and
-/// ours differ from either by about as much: where its top two tokens are closer than this,
-/// either choice is a correct greedy step. 0.5 is four of those σ.
-const DECISIVE_MARGIN: f64 = 0.5;
-
-fn margins(case: &Value) -> Vec<f64> {
-    case["top2_margins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m.as_f64().unwrap())
-        .collect()
 }
 
 /// Teacher-forced on llama.cpp's greedy path (so one near-tie does not end the comparison), our

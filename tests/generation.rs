@@ -18,22 +18,6 @@ async fn server(generate_table: &str) -> Server {
     .await
 }
 
-fn fixture() -> Value {
-    let path = repo_root().join("tests/fixtures/smollm2_greedy.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-/// Whether llama.cpp's greedy path for this case never came near a tie: every step's top-2 logit
-/// margin is at least 0.5. Below that, the rounding differences between two correct
-/// implementations (measured: σ ≈ 0.15 in the logits) can legitimately pick the other token.
-fn decisive(case: &Value) -> bool {
-    case["top2_margins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|m| m.as_f64().unwrap() >= 0.5)
-}
-
 fn chat(content: &str, max_tokens: u64) -> Value {
     json!({"model": SMOLLM, "messages": [{"role": "user", "content": content}],
            "max_tokens": max_tokens, "temperature": 0})
@@ -81,7 +65,7 @@ fn streamed_chat_text(events: &[String]) -> (String, String) {
 #[tokio::test]
 async fn completions_and_chat_match_llama_cpp_where_it_is_decisive() {
     let server = server("").await;
-    let f = fixture();
+    let f = fixture("smollm2_greedy.json");
     // Completions whose reference never comes near a tie (top-2 logit margin ≥ 0.5 at every
     // step) must match llama.cpp token for token, text included.
     let mut checked = 0;
@@ -368,7 +352,7 @@ async fn kserve_infer_generates_from_a_bytes_prompt() {
     let (status, meta) = server.get(&format!("/v2/models/{SMOLLM}")).await;
     assert_eq!(status, 200);
     assert_eq!(meta["inputs"][0]["name"], "text_input");
-    let f = fixture();
+    let f = fixture("smollm2_greedy.json");
     let case = f["completion"]
         .as_array()
         .unwrap()
