@@ -1,4 +1,5 @@
-//! Command line and `EMBER_*` environment → one validated configuration per subcommand.
+//! Command line, `EMBER_*` environment and an optional TOML file (`--config`) → one validated
+//! configuration per subcommand. Precedence: flag, then environment, then file, then default.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,6 +16,11 @@ use crate::engine::DeviceSpec;
     about = "Ember: serve AI models on the cloud tier and at the edge"
 )]
 pub struct Cli {
+    /// A TOML file of settings, keyed by flag name (`upstream = "http://…"`); flags and
+    /// `EMBER_*` variables override it.
+    #[arg(long, env = "EMBER_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -23,6 +29,19 @@ pub struct Cli {
 pub enum Command {
     /// Run the cloud tier: load every model of the repository and serve them over HTTP.
     Serve(ServeArgs),
+    /// Run the edge tier: serve the repository's edge models here, forward the rest upstream.
+    #[cfg(feature = "edge")]
+    Edge(EdgeArgs),
+}
+
+impl Command {
+    pub fn server(&self) -> &ServeArgs {
+        match self {
+            Self::Serve(args) => args,
+            #[cfg(feature = "edge")]
+            Self::Edge(args) => &args.server,
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -63,4 +82,185 @@ impl ServeArgs {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
+}
+
+/// `ember edge`: the server settings of `ember serve`, plus where and how to forward.
+#[cfg(feature = "edge")]
+#[derive(Debug, Clone, clap::Args)]
+pub struct EdgeArgs {
+    #[command(flatten)]
+    pub server: ServeArgs,
+
+    /// The cloud tier's base URL (http://host:port), e.g. its Kubernetes Service.
+    #[arg(long, env = "EMBER_UPSTREAM")]
+    pub upstream: url_arg::UpstreamUrl,
+
+    /// Bearer credential the edge presents to the upstream (the client's is never passed on).
+    #[arg(long, env = "EMBER_UPSTREAM_API_KEY", hide_env_values = true)]
+    pub upstream_api_key: Option<String>,
+
+    /// Size budget for local models: an edge-tier model whose weights are larger is forwarded.
+    #[arg(long, env = "EMBER_EDGE_MAX_MODEL_MB")]
+    pub edge_max_model_mb: Option<u64>,
+
+    /// Time to open a TCP connection to the upstream.
+    #[arg(long, env = "EMBER_UPSTREAM_CONNECT_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub upstream_connect_timeout_ms: u64,
+
+    /// Time from sending a request to the upstream's response headers. Non-streaming generation
+    /// answers only when done, so this bounds its whole run.
+    #[arg(long, env = "EMBER_UPSTREAM_FIRST_BYTE_TIMEOUT_MS", default_value_t = 120_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub upstream_first_byte_timeout_ms: u64,
+
+    /// Time for a whole forwarded exchange, streamed body included.
+    #[arg(long, env = "EMBER_UPSTREAM_TIMEOUT_MS", default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub upstream_timeout_ms: u64,
+
+    /// Extra attempts after a connection failure or a 503, while nothing has reached the client
+    /// and the circuit is closed.
+    #[arg(long, env = "EMBER_UPSTREAM_RETRIES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=5))]
+    pub upstream_retries: u32,
+
+    /// How often the upstream's readiness (and model list) is probed.
+    #[arg(long, env = "EMBER_UPSTREAM_PROBE_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..))]
+    pub upstream_probe_interval_ms: u64,
+
+    /// Consecutive forwarding failures that open the circuit.
+    #[arg(long, env = "EMBER_CIRCUIT_FAILURE_THRESHOLD", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub circuit_failure_threshold: u32,
+
+    /// How long an open circuit refuses before letting one trial request through.
+    #[arg(long, env = "EMBER_CIRCUIT_OPEN_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub circuit_open_ms: u64,
+
+    /// Forward a local model's request upstream when its expected queue wait passes
+    /// `--spill-queue-wait-ms` (and the upstream is healthy and serves the model).
+    #[arg(long, env = "EMBER_SPILLOVER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub spillover: bool,
+
+    /// The expected local queue wait past which requests spill upstream.
+    #[arg(long, env = "EMBER_SPILL_QUEUE_WAIT_MS", default_value_t = 100)]
+    pub spill_queue_wait_ms: u64,
+}
+
+#[cfg(feature = "edge")]
+pub mod url_arg {
+    use std::fmt;
+    use std::str::FromStr;
+
+    /// An `http://host:port[/prefix]` base URL, checked at start-up.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct UpstreamUrl {
+        /// `host:port`
+        pub authority: String,
+        /// Path prefix without a trailing slash (empty for none).
+        pub prefix: String,
+    }
+
+    impl FromStr for UpstreamUrl {
+        type Err = String;
+
+        fn from_str(s: &str) -> Result<Self, String> {
+            let uri: axum::http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+            match uri.scheme_str() {
+                Some("http") => {}
+                Some("https") => {
+                    return Err(
+                        "https upstreams are not supported yet; use http:// (TLS between \
+                         tiers is planned with the hardening work)"
+                            .into(),
+                    )
+                }
+                _ => return Err(format!("{s:?} needs an http:// scheme")),
+            }
+            let authority = uri
+                .authority()
+                .ok_or_else(|| format!("{s:?} has no host"))?
+                .to_string();
+            if uri.query().is_some() {
+                return Err(format!("{s:?}: a base URL takes no query"));
+            }
+            let prefix = uri.path().trim_end_matches('/').to_string();
+            Ok(Self { authority, prefix })
+        }
+    }
+
+    impl fmt::Display for UpstreamUrl {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "http://{}{}", self.authority, self.prefix)
+        }
+    }
+}
+
+/// Reads the `--config` file (or `EMBER_CONFIG`) named in `args` and exports each of its keys
+/// as the matching `EMBER_*` variable, unless that variable is already set; clap then reads
+/// them with the usual precedence. Keys are flag names (`upstream_api_key` or
+/// `upstream-api-key`); a key the subcommand does not have is an error naming file and key.
+/// Must run before any thread starts (it sets the environment).
+pub fn apply_config_file(args: &[std::ffi::OsString]) -> Result<(), String> {
+    use clap::CommandFactory;
+
+    let Some(path) = config_path(args) else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let cli = Cli::command();
+    // The subcommand is the first argument that names one.
+    let sub = args
+        .iter()
+        .skip(1)
+        .filter_map(|a| a.to_str())
+        .find_map(|a| cli.find_subcommand(a))
+        .ok_or_else(|| format!("config file {}: no subcommand given", path.display()))?;
+    for (key, value) in table {
+        let long = key.replace('_', "-");
+        let arg = sub
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()) && a.get_id() != "config")
+            .ok_or_else(|| {
+                format!(
+                    "config file {}: unknown key `{key}` for `ember {}`",
+                    path.display(),
+                    sub.get_name()
+                )
+            })?;
+        let env = arg
+            .get_env()
+            .expect("every setting has an EMBER_* variable")
+            .to_owned();
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => {
+                return Err(format!(
+                    "config file {}: key `{key}` must be a string, number or boolean, not {}",
+                    path.display(),
+                    other.type_str()
+                ))
+            }
+        };
+        if std::env::var_os(&env).is_none() {
+            std::env::set_var(env, value);
+        }
+    }
+    Ok(())
+}
+
+fn config_path(args: &[std::ffi::OsString]) -> Option<PathBuf> {
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let a = a.to_string_lossy();
+        if a == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = a.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
+        }
+    }
+    std::env::var_os("EMBER_CONFIG").map(PathBuf::from)
 }

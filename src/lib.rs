@@ -7,6 +7,8 @@
 
 pub mod batching;
 pub mod config;
+#[cfg(feature = "edge")]
+pub mod edge;
 pub mod engine;
 pub mod metrics;
 pub mod registry;

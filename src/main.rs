@@ -10,6 +10,7 @@ use ember::config::{Cli, Command, LogFormat, ServeArgs};
 use ember::metrics::Metrics;
 use ember::registry::{self, ModelRegistry};
 use ember::repository::ModelSpec;
+use ember::repository::RepositoryError;
 use ember::server::{self, AppState, Health};
 use tracing_subscriber::EnvFilter;
 
@@ -17,35 +18,54 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => {
-            init_logging(args.log_format);
-            let specs = match ember::repository::scan(&args.models) {
-                Ok(specs) => specs,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    return ExitCode::FAILURE;
-                }
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(e) = ember::config::apply_config_file(&argv) {
+        eprintln!("ember: {e}");
+        return ExitCode::FAILURE;
+    }
+    let cli = Cli::parse_from(argv);
+    let args = cli.command.server().clone();
+    init_logging(args.log_format);
+    let specs = match models_to_load(&cli.command) {
+        Ok(specs) => specs,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    set_compute_threads(&args, &specs);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ember: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, specs)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The repository's models this tier loads: all of them in the cloud; at the edge, its own
+/// (an edge may have none and only forward).
+fn models_to_load(command: &Command) -> Result<Vec<ModelSpec>, RepositoryError> {
+    let scanned = ember::repository::scan(&command.server().models);
+    match command {
+        Command::Serve(_) => scanned,
+        #[cfg(feature = "edge")]
+        Command::Edge(edge) => {
+            let specs = match scanned {
+                Err(RepositoryError::Empty(_)) => Vec::new(),
+                other => other?,
             };
-            set_compute_threads(&args, &specs);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("ember: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(serve(args, specs)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            Ok(ember::edge::local_specs(specs, edge.edge_max_model_mb))
         }
     }
 }
@@ -83,8 +103,9 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn serve(args: ServeArgs, specs: Vec<ModelSpec>) -> anyhow::Result<()> {
+async fn run(command: Command, specs: Vec<ModelSpec>) -> anyhow::Result<()> {
     let started = Instant::now();
+    let args = command.server();
     let device = args.device.open()?;
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
@@ -100,8 +121,14 @@ async fn serve(args: ServeArgs, specs: Vec<ModelSpec>) -> anyhow::Result<()> {
         metrics: Arc::new(Metrics::new()),
         health: Arc::new(Health::default()),
     };
+    let app = match &command {
+        Command::Serve(_) => server::router(state.clone()),
+        #[cfg(feature = "edge")]
+        Command::Edge(edge) => ember::edge::app(edge, &state).map_err(anyhow::Error::msg)?,
+    };
     let server = tokio::spawn(server::serve(
         listener,
+        app,
         state.clone(),
         server::shutdown_signal(),
         args.shutdown_grace(),

@@ -291,6 +291,77 @@ impl Metrics {
     }
 }
 
+/// The edge tier's placement and forwarding metrics; labels bound per use.
+#[derive(Clone)]
+pub struct EdgeMetrics {
+    /// `model`, `target` (local|upstream), `reason` (tier|spillover|fallback).
+    pub routing_decisions_total: IntCounterVec,
+    /// Time from sending a forwarded request to the upstream's response headers, by model.
+    pub upstream_response_seconds: HistogramVec,
+    /// `kind`: connect, timeout, status (a 5xx answer), stream (broken mid-body), circuit_open.
+    pub upstream_errors_total: IntCounterVec,
+    /// 0 closed, 1 half-open, 2 open.
+    pub circuit_state: IntGauge,
+    /// 1 while the last readiness probe of the upstream succeeded.
+    pub upstream_up: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers the edge's metrics; call once per server.
+    pub fn edge(&self) -> EdgeMetrics {
+        let m = EdgeMetrics {
+            routing_decisions_total: IntCounterVec::new(
+                Opts::new(
+                    "ember_edge_routing_decisions_total",
+                    "Where the edge sent each inference request, and why.",
+                ),
+                &["model", "target", "reason"],
+            )
+            .expect("valid counter"),
+            upstream_response_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "ember_edge_upstream_response_seconds",
+                    "Time from forwarding a request to the upstream's response headers.",
+                )
+                .buckets(REQUEST_SECONDS.to_vec()),
+                &["model"],
+            )
+            .expect("valid histogram"),
+            upstream_errors_total: IntCounterVec::new(
+                Opts::new(
+                    "ember_edge_upstream_errors_total",
+                    "Forwarding failures by kind (connect, timeout, status, stream, circuit_open).",
+                ),
+                &["kind"],
+            )
+            .expect("valid counter"),
+            circuit_state: IntGauge::new(
+                "ember_edge_circuit_state",
+                "The upstream's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            )
+            .expect("valid gauge"),
+            upstream_up: IntGauge::new(
+                "ember_edge_upstream_up",
+                "1 while the upstream's last readiness probe succeeded.",
+            )
+            .expect("valid gauge"),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.routing_decisions_total.clone()),
+            Box::new(m.upstream_response_seconds.clone()),
+            Box::new(m.upstream_errors_total.clone()),
+            Box::new(m.circuit_state.clone()),
+            Box::new(m.upstream_up.clone()),
+        ];
+        for c in collectors {
+            self.registry
+                .register(c)
+                .expect("the edge's metrics are registered once");
+        }
+        m
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()

@@ -164,6 +164,23 @@ pub struct ModelSpec {
     pub config_file: PathBuf,
 }
 
+impl ModelSpec {
+    /// Bytes of the weights on disk: the file, or every file below the folder. Unreadable
+    /// entries count as empty; loading reports them properly.
+    pub fn weights_bytes(&self) -> u64 {
+        fn size(path: &Path) -> u64 {
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_dir() => std::fs::read_dir(path)
+                    .map(|entries| entries.flatten().map(|e| size(&e.path())).sum())
+                    .unwrap_or(0),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            }
+        }
+        size(&self.path)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RepositoryError {
     #[error("model repository {dir}: {source}")]

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::BatchError;
+use super::{BatchError, QueueWait};
 use crate::engine::generate::{Chunk, Sampler, SamplingParams, TextStream};
 use crate::metrics::GenerateMetrics;
 use crate::repository::GeneratePolicy;
@@ -84,6 +84,7 @@ pub struct Scheduler {
     tx: mpsc::Sender<GenerationRequest>,
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
+    wait: QueueWait,
 }
 
 impl Scheduler {
@@ -95,12 +96,14 @@ impl Scheduler {
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
+        let wait = QueueWait::default();
         let worker = Worker {
             decoder,
             policy,
             metrics,
             rx,
             waiting: waiting.clone(),
+            wait: wait.clone(),
             queue: VecDeque::new(),
             running: Vec::new(),
             reserved: 0,
@@ -113,7 +116,13 @@ impl Scheduler {
             tx,
             waiting,
             max_waiting: policy.max_waiting,
+            wait,
         })
+    }
+
+    /// How long a request submitted now would likely wait for admission.
+    pub fn expected_wait(&self) -> std::time::Duration {
+        self.wait.expected(self.waiting.load(Ordering::SeqCst))
     }
 
     /// Queues a request; answers at once when too many are already waiting.
@@ -154,6 +163,7 @@ struct Worker<D: Decoder> {
     metrics: GenerateMetrics,
     rx: mpsc::Receiver<GenerationRequest>,
     waiting: Arc<AtomicUsize>,
+    wait: QueueWait,
     queue: VecDeque<GenerationRequest>,
     running: Vec<Sequence<D::Cache>>,
     /// KV tokens reserved by running sequences.
@@ -219,10 +229,12 @@ impl<D: Decoder> Worker<D> {
             }
             let request = self.queue.pop_front().expect("front exists");
             self.waiting.fetch_sub(1, Ordering::SeqCst);
+            let waited = request.arrived.elapsed();
             self.metrics
                 .batch
                 .queue_duration_seconds
-                .observe(request.arrived.elapsed().as_secs_f64());
+                .observe(waited.as_secs_f64());
+            self.wait.observe(waited);
             let cache = match self.decoder.new_cache(reserve) {
                 Ok(c) => c,
                 Err(e) => {

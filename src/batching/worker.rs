@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::queue::BatchQueue;
-use super::{BatchEngine, BatchError};
+use super::{BatchEngine, BatchError, QueueWait};
 use crate::metrics::BatcherMetrics;
 use crate::repository::BatchPolicy;
 
@@ -51,6 +51,7 @@ pub struct Batcher<E: BatchEngine> {
     slots: Arc<Semaphore>,
     jobs: mpsc::UnboundedSender<Job<E::Input, E::Output>>,
     metrics: BatcherMetrics,
+    wait: QueueWait,
 }
 
 impl<E: BatchEngine> Clone for Batcher<E> {
@@ -61,6 +62,7 @@ impl<E: BatchEngine> Clone for Batcher<E> {
             slots: self.slots.clone(),
             jobs: self.jobs.clone(),
             metrics: self.metrics.clone(),
+            wait: self.wait.clone(),
         }
     }
 }
@@ -90,12 +92,14 @@ impl<E: BatchEngine> Batcher<E> {
                 .spawn(move || compute_loop(&name, engine, &batches, metrics))?;
         }
         let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+        let wait = QueueWait::default();
         tokio::spawn(batch_loop(
             BatchQueue::new(policy),
             jobs_rx,
             batch_tx,
             instances,
             metrics.clone(),
+            wait.clone(),
         ));
         Ok(Self {
             model: name,
@@ -103,6 +107,7 @@ impl<E: BatchEngine> Batcher<E> {
             slots: Arc::new(Semaphore::new(policy.queue_capacity)),
             jobs: jobs_tx,
             metrics,
+            wait,
         })
     }
 
@@ -150,6 +155,12 @@ impl<E: BatchEngine> Batcher<E> {
     pub fn in_flight(&self) -> usize {
         self.capacity - self.slots.available_permits()
     }
+
+    /// How long an input queued now would likely wait for a compute thread.
+    pub fn expected_wait(&self) -> std::time::Duration {
+        let waiting = self.metrics.queue_depth_items.get().max(0) as usize;
+        self.wait.expected(waiting)
+    }
 }
 
 async fn batch_loop<I: Send + 'static, O: Send + 'static>(
@@ -158,6 +169,7 @@ async fn batch_loop<I: Send + 'static, O: Send + 'static>(
     compute: std::sync::mpsc::SyncSender<Batch<I, O>>,
     instances: usize,
     metrics: BatcherMetrics,
+    wait: QueueWait,
 ) {
     // One permit per idle compute instance.
     let idle = Arc::new(Semaphore::new(instances));
@@ -182,9 +194,9 @@ async fn batch_loop<I: Send + 'static, O: Send + 'static>(
                 let jobs = pending
                     .into_iter()
                     .map(|p| {
-                        metrics
-                            .queue_duration_seconds
-                            .observe((now - p.arrived).as_secs_f64());
+                        let waited = now - p.arrived;
+                        metrics.queue_duration_seconds.observe(waited.as_secs_f64());
+                        wait.observe(waited);
                         p.item
                     })
                     .collect();

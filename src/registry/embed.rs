@@ -61,6 +61,10 @@ impl EmbeddingModel {
         &self.info
     }
 
+    pub fn expected_wait(&self) -> std::time::Duration {
+        self.batcher.expected_wait()
+    }
+
     /// Embeds every input; the results come back in input order.
     pub async fn embed(&self, inputs: Vec<EmbedInput>) -> Result<Vec<Embedding>, ModelError> {
         if inputs.is_empty() {

@@ -87,6 +87,10 @@ impl GenerationModel {
     }
 
     /// The context this server grants (the model's, or less per `model.toml`).
+    pub fn expected_wait(&self) -> std::time::Duration {
+        self.scheduler.expected_wait()
+    }
+
     pub fn context_length(&self) -> usize {
         self.context_length
     }

@@ -30,6 +30,14 @@ impl LoadedModel {
             Self::Generate(m) => m.spec(),
         }
     }
+
+    /// How long a request arriving now would likely queue before its compute starts.
+    pub fn expected_wait(&self) -> std::time::Duration {
+        match self {
+            Self::Embed(m) => m.expected_wait(),
+            Self::Generate(m) => m.expected_wait(),
+        }
+    }
 }
 
 /// Why a request to a model failed, in domain terms; the server maps each to a status code.

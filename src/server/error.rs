@@ -10,7 +10,7 @@ use crate::batching::BatchError;
 use crate::registry::ModelError;
 
 /// Seconds a client should wait before retrying an overloaded or draining server.
-const RETRY_AFTER_SECONDS: u32 = 1;
+const RETRY_AFTER_SECONDS: u64 = 1;
 
 /// An error with its HTTP meaning, before it is rendered in an API's shape.
 #[derive(Debug, Clone)]
@@ -21,6 +21,8 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault, where there is one.
     pub param: Option<String>,
+    /// Seconds for `Retry-After` on a 503, when the default does not fit.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -30,6 +32,7 @@ impl ApiError {
             code,
             message: message.into(),
             param: None,
+            retry_after: None,
         }
     }
 
@@ -71,8 +74,10 @@ impl ApiError {
         )
     }
 
-    fn retry_after(&self) -> bool {
-        self.status == StatusCode::SERVICE_UNAVAILABLE
+    /// `Retry-After` seconds: every 503 says when to come back.
+    fn retry_after(&self) -> Option<u64> {
+        (self.status == StatusCode::SERVICE_UNAVAILABLE)
+            .then(|| self.retry_after.unwrap_or(RETRY_AFTER_SECONDS))
     }
 }
 
@@ -108,6 +113,30 @@ impl From<ModelError> for ApiError {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
             }
         }
+    }
+}
+
+#[cfg(feature = "edge")]
+impl From<crate::edge::UpstreamError> for ApiError {
+    fn from(e: crate::edge::UpstreamError) -> Self {
+        use crate::edge::UpstreamError as U;
+        let (status, code, retry_after) = match &e {
+            U::Unavailable { retry_after } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_unavailable",
+                Some(crate::edge::retry_secs(*retry_after)),
+            ),
+            U::Connect(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_unavailable",
+                None,
+            ),
+            U::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", None),
+            U::Failed(_) => (StatusCode::BAD_GATEWAY, "upstream_failed", None),
+        };
+        let mut error = Self::new(status, code, e.to_string());
+        error.retry_after = retry_after;
+        error
     }
 }
 
@@ -164,10 +193,10 @@ impl IntoResponse for KServeError {
 
 fn finish(e: &ApiError, mut response: Response) -> Response {
     *response.status_mut() = e.status;
-    if e.retry_after() {
+    if let Some(seconds) = e.retry_after() {
         response
             .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     if e.status.is_server_error() {
         tracing::warn!(status = e.status.as_u16(), code = e.code, message = %e.message, "request failed");

@@ -2,6 +2,7 @@
 //! graceful shutdown. Routes live in [`routes`]; errors become responses in [`error`].
 
 pub mod error;
+pub mod request_id;
 pub mod routes;
 
 use std::future::{Future, IntoFuture};
@@ -56,17 +57,26 @@ pub struct AppState {
 #[derive(Clone)]
 pub struct ModelLabel(pub String);
 
+/// The cloud tier's application: every route, with the cross-cutting layers.
 pub fn router(state: AppState) -> Router {
-    routes::router()
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            refuse_while_draining,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            record_metrics,
-        ))
-        .with_state(state)
+    with_layers(routes::cloud().with_state(state.clone()), &state)
+}
+
+/// Wraps an application in the layers every tier shares, outermost first: request id (kept or
+/// created, echoed on the response), metrics and the request log line, refusal while draining.
+pub fn with_layers(app: Router, state: &AppState) -> Router {
+    use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+    let id = axum::http::HeaderName::from_static(request_id::HEADER);
+    app.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        refuse_while_draining,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        record_metrics,
+    ))
+    .layer(PropagateRequestIdLayer::new(id.clone()))
+    .layer(SetRequestIdLayer::new(id, request_id::NewRequestId))
 }
 
 /// During the drain, inference is refused at once; probes and metrics still answer.
@@ -91,6 +101,13 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    let id = req
+        .headers()
+        .get(request_id::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let response = next.run(req).await;
     let model = response
         .extensions()
@@ -108,6 +125,7 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
         .request_duration_seconds
         .with_label_values(&[model, &route])
         .observe(started.elapsed().as_secs_f64());
+    tracing::debug!(request_id = %id, %method, %route, model, status, ms = started.elapsed().as_millis() as u64, "request");
     response
 }
 
@@ -115,11 +133,11 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
 /// inference is refused, in-flight requests get up to `grace` to finish.
 pub async fn serve(
     listener: TcpListener,
+    app: Router,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let app = router(state.clone());
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let health = state.health.clone();
     let metrics = state.metrics.clone();

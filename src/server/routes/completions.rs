@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -20,7 +21,7 @@ use crate::batching::scheduler::{Event, FinishReason};
 use crate::engine::generate::{ChatMessage, SamplingParams};
 use crate::registry::{GenerateParams, Generation, Prompt};
 use crate::server::error::{openai_body, parse_json, ApiError, OpenAiError};
-use crate::server::AppState;
+use crate::server::{request_id, AppState};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -276,7 +277,7 @@ struct Meta {
 }
 
 impl Meta {
-    fn new(kind: Kind, model: String) -> Self {
+    fn new(kind: Kind, model: String, request_id: String) -> Self {
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -286,7 +287,7 @@ impl Meta {
         };
         Self {
             kind,
-            id: format!("{prefix}-{}", request_id()),
+            id: format!("{prefix}-{request_id}"),
             created,
             model,
         }
@@ -337,21 +338,12 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// A response id unique within this process and unlikely to repeat across restarts.
-fn request_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!("{:08x}{:08x}", nanos, NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
 async fn chat(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Labeled<Result<Response, OpenAiError>> {
-    handle(&state, body, Kind::Chat, |req: ChatRequest| {
+    handle(&state, &headers, body, Kind::Chat, |req: ChatRequest| {
         let prompt = Prompt::Chat(parse_messages(req.messages)?);
         Ok((
             req.model,
@@ -366,18 +358,25 @@ async fn chat(
 
 async fn completions(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Labeled<Result<Response, OpenAiError>> {
-    handle(&state, body, Kind::Completion, |req: CompletionRequest| {
-        let prompt = parse_prompt(req.prompt)?;
-        Ok((
-            req.model,
-            prompt,
-            req.stream,
-            req.stream_options,
-            req.sampling,
-        ))
-    })
+    handle(
+        &state,
+        &headers,
+        body,
+        Kind::Completion,
+        |req: CompletionRequest| {
+            let prompt = parse_prompt(req.prompt)?;
+            Ok((
+                req.model,
+                prompt,
+                req.stream,
+                req.stream_options,
+                req.sampling,
+            ))
+        },
+    )
     .await
 }
 
@@ -388,6 +387,7 @@ type Parsed = (String, Prompt, bool, Option<StreamOptions>, SamplingFields);
 /// has turned the route's request into a prompt.
 async fn handle<R: serde::de::DeserializeOwned>(
     state: &AppState,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     kind: Kind,
     parse: impl FnOnce(R) -> Result<Parsed, ApiError>,
@@ -399,7 +399,7 @@ async fn handle<R: serde::de::DeserializeOwned>(
         label = Some(name.clone());
         let generation = model.generate(prompt, sampling.into_params()?).await?;
         respond(
-            Meta::new(kind, name),
+            Meta::new(kind, name, request_id::for_body(headers)),
             generation,
             stream,
             options.unwrap_or_default(),

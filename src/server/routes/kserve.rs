@@ -24,12 +24,16 @@ const EMBEDDING_OUTPUT: &str = "embedding";
 const PROMPT_INPUT: &str = "text_input";
 const GENERATED_OUTPUT: &str = "text_output";
 
-pub fn router() -> Router<AppState> {
+/// The routes that name a model.
+pub fn model_router() -> Router<AppState> {
     Router::new()
-        .route("/v2", get(server_metadata))
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/infer", post(infer))
+}
+
+pub fn server_router() -> Router<AppState> {
+    Router::new().route("/v2", get(server_metadata))
 }
 
 async fn server_metadata() -> Json<Value> {

@@ -3,7 +3,7 @@
 mod completions;
 mod health;
 mod kserve;
-mod openai;
+pub(crate) mod openai;
 
 use axum::extract::Request;
 use axum::response::Response;
@@ -12,11 +12,26 @@ use axum::Router;
 use super::error::{for_path, ApiError};
 use super::AppState;
 
-pub fn router() -> Router<AppState> {
+/// Every route of the cloud tier.
+pub fn cloud() -> Router<AppState> {
+    model_routes()
+        .merge(openai::models_router())
+        .merge(server_routes())
+}
+
+/// The routes that name a model (in the body or the path): the ones the edge places.
+pub fn model_routes() -> Router<AppState> {
     Router::new()
         .merge(openai::router())
         .merge(completions::router())
-        .merge(kserve::router())
+        .merge(kserve::model_router())
+}
+
+/// The routes about the server itself: health, metrics, KServe server metadata, and the
+/// answer for unknown paths.
+pub fn server_routes() -> Router<AppState> {
+    Router::new()
+        .merge(kserve::server_router())
         .merge(health::router())
         .fallback(not_found)
 }

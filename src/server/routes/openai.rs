@@ -10,14 +10,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{embedding_model, task_name, Labeled};
-use crate::registry::EmbedInput;
+use crate::registry::{EmbedInput, ModelRegistry};
 use crate::server::error::{parse_json, ApiError, OpenAiError};
 use crate::server::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/models", get(models))
+    Router::new().route("/v1/embeddings", post(embeddings))
+}
+
+pub fn models_router() -> Router<AppState> {
+    Router::new().route("/v1/models", get(models))
 }
 
 #[derive(Deserialize)]
@@ -207,7 +209,7 @@ struct ModelList {
 }
 
 #[derive(Serialize)]
-struct ModelObject {
+pub struct ModelObject {
     id: String,
     object: &'static str,
     created: u64,
@@ -218,8 +220,15 @@ struct ModelObject {
 }
 
 async fn models(State(state): State<AppState>) -> Json<ModelList> {
-    let data = state
-        .registry
+    Json(ModelList {
+        object: "list",
+        data: model_objects(&state.registry),
+    })
+}
+
+/// The OpenAI model objects of every loaded model.
+pub fn model_objects(registry: &ModelRegistry) -> Vec<ModelObject> {
+    registry
         .list()
         .iter()
         .map(|m| {
@@ -236,11 +245,7 @@ async fn models(State(state): State<AppState>) -> Json<ModelList> {
                 },
             }
         })
-        .collect();
-    Json(ModelList {
-        object: "list",
-        data,
-    })
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,370 @@
+//! The cloud tier as seen from the edge: a pooled keep-alive HTTP client with connect,
+//! first-byte and total timeouts, retries while nothing has reached the client, the circuit
+//! breaker, and the active readiness probe that also learns which models the upstream serves.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::{Method, Request, StatusCode};
+use axum::response::Response;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::breaker::{Admission, Breaker, BreakerConfig, CircuitState};
+use super::stream::ProxyBody;
+use crate::config::url_arg::UpstreamUrl;
+use crate::metrics::EdgeMetrics;
+
+/// Why a request could not be forwarded; the server maps each to a status.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the upstream is unavailable (its circuit is open after failed requests or probes); retry in {}s", retry_secs(*.retry_after))]
+    Unavailable { retry_after: Duration },
+    #[error("cannot reach the upstream: {0}")]
+    Connect(String),
+    #[error("the upstream did not answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    #[error("the upstream failed: {0}")]
+    Failed(String),
+}
+
+/// Whole seconds for `Retry-After`, at least one.
+pub fn retry_secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub url: UpstreamUrl,
+    pub credential: Option<String>,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub total_timeout: Duration,
+    pub retries: u32,
+    pub breaker: BreakerConfig,
+}
+
+/// One request to forward; its body is whole (the edge read it to find the model), which is
+/// also what makes a retry possible.
+pub struct Forward {
+    pub method: Method,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The metric label for the model (bounded: only names the edge knows).
+    pub model_label: String,
+    /// SSE responses end with an error event instead of a broken connection when the upstream
+    /// fails mid-stream.
+    pub sse: bool,
+}
+
+pub struct Upstream {
+    config: UpstreamConfig,
+    client: Client<HttpConnector, Full<Bytes>>,
+    credential: Option<HeaderValue>,
+    breaker: Breaker,
+    /// The `data` of the upstream's `GET /v1/models`, from the last successful probe.
+    models: RwLock<Option<Vec<Value>>>,
+    pub(super) metrics: EdgeMetrics,
+}
+
+/// Headers that belong to one connection, not to the message (RFC 9110 §7.6.1), plus the ones
+/// the edge sets itself.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+    )
+}
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig, metrics: EdgeMetrics) -> Result<Self, String> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        // Small requests and SSE events must not wait for Nagle's algorithm.
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        let credential = config
+            .credential
+            .as_deref()
+            .map(|key| {
+                let mut v = HeaderValue::from_str(&format!("Bearer {key}"))
+                    .map_err(|_| "the upstream API key holds characters a header cannot carry")?;
+                v.set_sensitive(true);
+                Ok::<_, String>(v)
+            })
+            .transpose()?;
+        Ok(Self {
+            breaker: Breaker::new(config.breaker),
+            config,
+            client,
+            credential,
+            models: RwLock::new(None),
+            metrics,
+        })
+    }
+
+    /// The circuit is not open: requests may go (a half-open circuit lets its trial through).
+    pub fn is_available(&self) -> bool {
+        self.breaker.state(Instant::now().into_std()) != CircuitState::Open
+    }
+
+    /// The error for a request refused because the circuit is open.
+    pub fn unavailable(&self) -> UpstreamError {
+        let remaining = self.breaker.remaining_open(Instant::now().into_std());
+        UpstreamError::Unavailable {
+            retry_after: remaining,
+        }
+    }
+
+    /// Whether the upstream's last model list has `model`; `None` before any list arrived.
+    pub fn serves(&self, model: &str) -> Option<bool> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .as_ref()
+            .map(|list| list.iter().any(|m| m["id"].as_str() == Some(model)))
+    }
+
+    pub fn models(&self) -> Option<Vec<Value>> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Forwards one request. Retries (after a connection failure or a 503) happen only here,
+    /// before anything has reached the client, and only while the circuit admits them.
+    pub async fn forward(self: &Arc<Self>, request: Forward) -> Result<Response, UpstreamError> {
+        let started = Instant::now();
+        let deadline = started + self.config.total_timeout;
+        let mut attempt = 0;
+        loop {
+            match self.breaker.admit(Instant::now().into_std()) {
+                Admission::Refused { retry_after } => {
+                    self.metrics
+                        .upstream_errors_total
+                        .with_label_values(&["circuit_open"])
+                        .inc();
+                    self.publish_state();
+                    return Err(UpstreamError::Unavailable { retry_after });
+                }
+                Admission::Allowed | Admission::Trial => {}
+            }
+            let sent = Instant::now();
+            let wait = self
+                .config
+                .first_byte_timeout
+                .min(deadline.saturating_duration_since(sent));
+            let outcome =
+                tokio::time::timeout(wait, self.client.request(self.build(&request))).await;
+            let retry = attempt < self.config.retries;
+            match outcome {
+                Ok(Ok(response)) => {
+                    self.metrics
+                        .upstream_response_seconds
+                        .with_label_values(&[&request.model_label])
+                        .observe(sent.elapsed().as_secs_f64());
+                    let status = response.status();
+                    let unhealthy = matches!(
+                        status,
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    );
+                    if unhealthy {
+                        self.failed("status");
+                        // A 503 was not processed (overload or drain): another replica behind
+                        // the same Service may take it.
+                        if status == StatusCode::SERVICE_UNAVAILABLE && retry {
+                            attempt += 1;
+                            backoff(attempt).await;
+                            continue;
+                        }
+                    } else {
+                        self.breaker.on_success();
+                        self.publish_state();
+                    }
+                    return Ok(self.respond(response, deadline, request.sse));
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    self.failed("connect");
+                    if retry {
+                        attempt += 1;
+                        backoff(attempt).await;
+                        continue;
+                    }
+                    return Err(UpstreamError::Connect(error_chain(&e)));
+                }
+                // Sent, then broken: the upstream may have acted on it, so no retry.
+                Ok(Err(e)) => {
+                    self.failed("connect");
+                    return Err(UpstreamError::Failed(error_chain(&e)));
+                }
+                Err(_) => {
+                    self.failed("timeout");
+                    return Err(UpstreamError::Timeout(wait));
+                }
+            }
+        }
+    }
+
+    fn build(&self, request: &Forward) -> Request<Full<Bytes>> {
+        let url = &self.config.url;
+        let uri = format!(
+            "http://{}{}{}",
+            url.authority, url.prefix, request.path_and_query
+        );
+        let mut builder = Request::builder().method(request.method.clone()).uri(uri);
+        if let Some(headers) = builder.headers_mut() {
+            for (name, value) in &request.headers {
+                // The client's credential is for the edge; the upstream gets the edge's own.
+                if is_hop_by_hop(name)
+                    || name == header::AUTHORIZATION
+                    || name == header::CONTENT_LENGTH
+                {
+                    continue;
+                }
+                headers.append(name, value.clone());
+            }
+            if let Some(credential) = &self.credential {
+                headers.insert(header::AUTHORIZATION, credential.clone());
+            }
+        }
+        builder
+            .body(Full::new(request.body.clone()))
+            .expect("method, URI and headers were valid already")
+    }
+
+    fn respond(
+        self: &Arc<Self>,
+        response: hyper::Response<hyper::body::Incoming>,
+        deadline: Instant,
+        sse: bool,
+    ) -> Response {
+        let (mut parts, body) = response.into_parts();
+        let hop: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|n| is_hop_by_hop(n))
+            .cloned()
+            .collect();
+        for name in hop {
+            parts.headers.remove(name);
+        }
+        let is_event_stream = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let body = ProxyBody::new(body, deadline, sse && is_event_stream, self.clone());
+        Response::from_parts(parts, Body::new(body))
+    }
+
+    /// A failed exchange: count it and tell the breaker.
+    pub(super) fn failed(&self, kind: &str) {
+        self.metrics
+            .upstream_errors_total
+            .with_label_values(&[kind])
+            .inc();
+        self.breaker.on_failure(Instant::now().into_std());
+        self.publish_state();
+    }
+
+    fn publish_state(&self) {
+        let state = self.breaker.state(Instant::now().into_std());
+        self.metrics.circuit_state.set(state.gauge());
+    }
+
+    /// Probes readiness (and refreshes the model list) every `interval`, forever.
+    pub async fn probe_forever(self: Arc<Self>, interval: Duration) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_ready = None;
+        loop {
+            ticks.tick().await;
+            let ready = self.probe(interval).await;
+            self.metrics.upstream_up.set(i64::from(ready));
+            self.breaker.on_probe(ready, Instant::now().into_std());
+            self.publish_state();
+            if was_ready != Some(ready) {
+                if ready {
+                    tracing::info!(upstream = %self.config.url, "upstream is ready");
+                } else {
+                    tracing::warn!(upstream = %self.config.url, "upstream is not ready");
+                }
+                was_ready = Some(ready);
+            }
+        }
+    }
+
+    /// One probe: readiness, then the model list. A timeout or error is "not ready".
+    async fn probe(&self, timeout: Duration) -> bool {
+        let ready = self
+            .get("/v2/health/ready", timeout)
+            .await
+            .is_some_and(|(status, _)| status == StatusCode::OK);
+        if ready {
+            let list = self
+                .get("/v1/models", timeout)
+                .await
+                .filter(|(status, _)| *status == StatusCode::OK)
+                .and_then(|(_, body)| serde_json::from_slice::<Value>(&body).ok())
+                .and_then(|v| v.get("data").and_then(Value::as_array).cloned());
+            if let Some(list) = list {
+                *self.models.write().unwrap_or_else(|p| p.into_inner()) = Some(list);
+            }
+        }
+        ready
+    }
+
+    async fn get(&self, path: &str, timeout: Duration) -> Option<(StatusCode, Bytes)> {
+        let request = Forward {
+            method: Method::GET,
+            path_and_query: path.to_string(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            model_label: String::new(),
+            sse: false,
+        };
+        let exchange = async {
+            let response = self.client.request(self.build(&request)).await.ok()?;
+            let status = response.status();
+            let body = response.into_body().collect().await.ok()?.to_bytes();
+            Some((status, body))
+        };
+        tokio::time::timeout(timeout, exchange).await.ok().flatten()
+    }
+}
+
+async fn backoff(attempt: u32) {
+    tokio::time::sleep(Duration::from_millis(25 << attempt.min(4))).await;
+}
+
+/// The error and its causes on one line (hyper's top-level messages alone say little).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
