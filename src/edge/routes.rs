@@ -176,7 +176,9 @@ impl Edge {
         }
     }
 
-    async fn local(&self, parts: Parts, body: Bytes) -> Response {
+    async fn local(&self, mut parts: Parts, body: Bytes) -> Response {
+        // The outer router's match (path parameters) must not leak into the inner one's.
+        parts.extensions.clear();
         let request = Request::from_parts(parts, Body::from(body));
         let Ok(mut response) = self.local.clone().oneshot(request).await;
         response

@@ -126,8 +126,12 @@ impl Upstream {
         self.breaker.state(Instant::now().into_std()) != CircuitState::Open
     }
 
-    /// The error for a request refused because the circuit is open.
+    /// The error for a request refused because the circuit is open; counts the refusal.
     pub fn unavailable(&self) -> UpstreamError {
+        self.metrics
+            .upstream_errors_total
+            .with_label_values(&["circuit_open"])
+            .inc();
         let remaining = self.breaker.remaining_open(Instant::now().into_std());
         UpstreamError::Unavailable {
             retry_after: remaining,

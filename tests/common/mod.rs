@@ -99,12 +99,37 @@ pub struct Server {
 impl Server {
     /// Starts the real binary on a free loopback port and waits until it is ready.
     pub async fn start(models: &Path, extra: &[&str]) -> Server {
+        Server::start_at(models, "127.0.0.1:0", extra).await
+    }
+
+    /// `ember serve` on a given address (to bring a killed server back on its port).
+    pub async fn start_at(models: &Path, addr: &str, extra: &[&str]) -> Server {
+        let mut args = vec![
+            "serve".into(),
+            "--models".into(),
+            models.display().to_string(),
+        ];
+        args.extend(["--addr".to_string(), addr.to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Server::spawn(&args).await
+    }
+
+    /// `ember edge` on a free loopback port, forwarding to `upstream`.
+    pub async fn start_edge(models: &Path, upstream: &str, extra: &[&str]) -> Server {
+        let mut args = vec![
+            "edge".into(),
+            "--models".into(),
+            models.display().to_string(),
+        ];
+        args.extend(["--addr", "127.0.0.1:0", "--upstream", upstream].map(String::from));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Server::spawn(&args).await
+    }
+
+    /// Runs the binary with `args` (which include `--addr`) and waits until it is ready.
+    pub async fn spawn(args: &[String]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
-            .arg("serve")
-            .arg("--models")
-            .arg(models)
-            .args(["--addr", "127.0.0.1:0"])
-            .args(extra)
+            .args(args)
             .env("EMBER_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
