@@ -25,6 +25,8 @@ cargo fmt --all -- --check
 
 echo "== lints"
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
+# The gateway build (no generation stack) must compile and lint clean too.
+cargo clippy --release --no-default-features --features edge --locked -- -D warnings
 
 echo "== tests"
 cargo test --release --workspace --locked

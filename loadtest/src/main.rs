@@ -15,7 +15,7 @@ use serde::Serialize;
 #[command(about = "Bounded closed-loop load on Ember's /v1/embeddings")]
 struct Args {
     /// Server base URL (loopback only), e.g. http://127.0.0.1:8080
-    #[arg(long)]
+    #[arg(long, default_value = "", required_unless_present = "compare")]
     url: String,
     #[arg(long, default_value = "all-MiniLM-L6-v2")]
     model: String,
@@ -37,6 +37,12 @@ struct Args {
     /// Label printed with the results (e.g. "batching" or "batch=1").
     #[arg(long, default_value = "")]
     label: String,
+    /// Latency comparison instead of load: `label=url,label=url,...`, one request at a time,
+    /// taking the targets in turn (so drift in the machine's speed hits all alike); prints each
+    /// target's p50/p99 and what it adds over the first. `--url` is ignored; `--max-requests`
+    /// counts per target.
+    #[arg(long, value_delimiter = ',')]
+    compare: Vec<String>,
 }
 
 const WORDS: &str = "server model request batch queue edge cloud token vector network small large \
@@ -154,13 +160,7 @@ async fn run_level(args: &Args, texts: Arc<Vec<String>>, concurrency: usize) -> 
     }
     let seconds = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        if latencies.is_empty() {
-            f64::NAN
-        } else {
-            latencies[((p * latencies.len() as f64) as usize).min(latencies.len() - 1)]
-        }
-    };
+    let q = |p: f64| quantile(&latencies, p);
     Level {
         label: args.label.clone(),
         tokens: args.tokens,
@@ -175,16 +175,94 @@ async fn run_level(args: &Args, texts: Arc<Vec<String>>, concurrency: usize) -> 
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let host = reqwest::Url::parse(&args.url)
-        .context("--url")?
+/// The `p` quantile of sorted values (NaN when there are none).
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        f64::NAN
+    } else {
+        sorted[((p * sorted.len() as f64) as usize).min(sorted.len() - 1)]
+    }
+}
+
+fn check_loopback(url: &str) -> anyhow::Result<()> {
+    let host = reqwest::Url::parse(url)
+        .with_context(|| format!("{url:?}"))?
         .host_str()
         .unwrap_or("")
         .to_string();
     if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]" | "::1") {
         bail!("ember-loadtest only targets loopback addresses, not {host}");
+    }
+    Ok(())
+}
+
+/// The `--compare` mode: interleaved single requests, one keep-alive client per target.
+async fn compare(args: &Args, texts: &[String]) -> anyhow::Result<()> {
+    let targets: Vec<(String, String)> = args
+        .compare
+        .iter()
+        .map(|t| {
+            let (label, url) = t
+                .split_once('=')
+                .with_context(|| format!("--compare takes label=url, not {t:?}"))?;
+            check_loopback(url)?;
+            Ok((
+                label.to_string(),
+                format!("{}/v1/embeddings", url.trim_end_matches('/')),
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let clients: Vec<reqwest::Client> = targets
+        .iter()
+        .map(|_| reqwest::Client::builder().pool_max_idle_per_host(1).build())
+        .collect::<Result<_, _>>()?;
+    let mut latencies = vec![Vec::new(); targets.len()];
+    let stop = Instant::now() + Duration::from_secs_f64(args.secs);
+    // A few unmeasured rounds open the connections and warm every path.
+    for i in 0..args.max_requests + 20 {
+        if Instant::now() >= stop {
+            break;
+        }
+        for (k, ((_, url), client)) in targets.iter().zip(&clients).enumerate() {
+            let body = serde_json::json!({"model": args.model, "input": texts[i % texts.len()]});
+            let t = Instant::now();
+            let r = client.post(url).json(&body).send().await?;
+            let ok = r.status().is_success();
+            r.bytes().await?;
+            if !ok {
+                bail!("{url} answered an error");
+            }
+            if i >= 20 {
+                latencies[k].push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    println!(
+        "{:<10} {:>6} {:>9} {:>9} {:>9} {:>13} {:>13}",
+        "target", "tokens", "requests", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms"
+    );
+    for l in &mut latencies {
+        l.sort_by(f64::total_cmp);
+    }
+    let (base50, base99) = (quantile(&latencies[0], 0.5), quantile(&latencies[0], 0.99));
+    for ((label, _), l) in targets.iter().zip(&latencies) {
+        let (p50, p99) = (quantile(l, 0.5), quantile(l, 0.99));
+        println!(
+            "{label:<10} {:>6} {:>9} {p50:>9.3} {p99:>9.3} {:>13.3} {:>13.3}",
+            args.tokens,
+            l.len(),
+            p50 - base50,
+            p99 - base99
+        );
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.compare.is_empty() {
+        check_loopback(&args.url)?;
     }
     let mut tokenizer = tokenizers::Tokenizer::from_file(&args.tokenizer)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.tokenizer.display()))?;
@@ -193,6 +271,9 @@ async fn main() -> anyhow::Result<()> {
         .with_truncation(None)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let texts = Arc::new(texts(&tokenizer, args.tokens, 512)?);
+    if !args.compare.is_empty() {
+        return compare(&args, &texts).await;
+    }
     println!(
         "{:<12} {:>6} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>9}",
         "label", "tokens", "conc", "requests", "errors", "sent/s", "p50 ms", "p95 ms", "p99 ms"

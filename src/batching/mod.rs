@@ -4,6 +4,7 @@
 //! loop and hands each batch to the model's own OS thread, so compute never runs on the runtime.
 
 pub mod queue;
+#[cfg(feature = "generate")]
 pub mod scheduler;
 pub mod worker;
 

@@ -4,6 +4,7 @@
 pub mod bert;
 mod bf16_linear;
 pub mod embed;
+#[cfg(feature = "generate")]
 pub mod generate;
 
 use std::path::PathBuf;

@@ -2,6 +2,7 @@
 //! (tokenising, validating, queueing, gathering). No HTTP here: routes call these methods.
 
 pub mod embed;
+#[cfg(feature = "generate")]
 pub mod generate;
 
 use std::collections::BTreeMap;
@@ -9,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 pub use embed::{EmbedInput, Embedding, EmbeddingModel};
+#[cfg(feature = "generate")]
 pub use generate::{GenerateParams, Generation, GenerationModel, Prompt};
 
 use crate::batching::BatchError;
@@ -20,6 +22,7 @@ use crate::repository::{ModelSpec, Task};
 #[derive(Clone)]
 pub enum LoadedModel {
     Embed(Arc<EmbeddingModel>),
+    #[cfg(feature = "generate")]
     Generate(Arc<GenerationModel>),
 }
 
@@ -27,6 +30,7 @@ impl LoadedModel {
     pub fn spec(&self) -> &ModelSpec {
         match self {
             Self::Embed(m) => m.spec(),
+            #[cfg(feature = "generate")]
             Self::Generate(m) => m.spec(),
         }
     }
@@ -35,6 +39,7 @@ impl LoadedModel {
     pub fn expected_wait(&self) -> std::time::Duration {
         match self {
             Self::Embed(m) => m.expected_wait(),
+            #[cfg(feature = "generate")]
             Self::Generate(m) => m.expected_wait(),
         }
     }
@@ -119,6 +124,7 @@ pub async fn load(
                 batcher_metrics,
             )?))
         }
+        #[cfg(feature = "generate")]
         Task::Generate => {
             let generate_metrics = metrics.generate(&spec.name);
             let (generator, spec) = tokio::task::spawn_blocking(move || {
@@ -131,6 +137,13 @@ pub async fn load(
                 generator,
                 generate_metrics,
             )?))
+        }
+        #[cfg(not(feature = "generate"))]
+        Task::Generate => {
+            return Err(EngineError::file(
+                &spec.config_file,
+                "generation models need a build with the `generate` feature (the default)",
+            ))
         }
         Task::Tensor => {
             return Err(EngineError::file(
@@ -146,6 +159,7 @@ pub async fn load(
             m.info().parameters,
             format!("{:?} dense layers", m.info().precision),
         ),
+        #[cfg(feature = "generate")]
         LoadedModel::Generate(m) => (
             &m.spec().name,
             m.info().parameters,

@@ -152,6 +152,12 @@ pub async fn serve(
         let _ = drain_tx.send(true);
     });
     let mut drained = drain_rx.clone();
+    // Responses and SSE events go out as they are written, not after Nagle's delay.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = drained.wait_for(|d| *d).await;
     });

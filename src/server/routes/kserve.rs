@@ -11,9 +11,12 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+#[cfg(feature = "generate")]
 use super::completions::{collect, SamplingFields};
 use super::{lookup, Labeled};
-use crate::registry::{EmbedInput, EmbeddingModel, GenerationModel, LoadedModel, Prompt};
+use crate::registry::{EmbedInput, EmbeddingModel, LoadedModel};
+#[cfg(feature = "generate")]
+use crate::registry::{GenerationModel, Prompt};
 use crate::server::error::{parse_json, ApiError, KServeError};
 use crate::server::AppState;
 
@@ -21,7 +24,9 @@ use crate::server::AppState;
 const TEXT_INPUT: &str = "text";
 const EMBEDDING_OUTPUT: &str = "embedding";
 /// The input and output tensor names of generation models.
+#[cfg(feature = "generate")]
 const PROMPT_INPUT: &str = "text_input";
+#[cfg(feature = "generate")]
 const GENERATED_OUTPUT: &str = "text_output";
 
 /// The routes that name a model.
@@ -68,6 +73,7 @@ async fn model_metadata(
                 shape: vec![-1, m.info().dimensions as i64],
             },
         ),
+        #[cfg(feature = "generate")]
         LoadedModel::Generate(_) => (
             TensorMetadata {
                 name: PROMPT_INPUT,
@@ -103,6 +109,8 @@ struct InferRequest {
     id: Option<String>,
     inputs: Vec<InferInput>,
     outputs: Option<Vec<RequestedOutput>>,
+    /// Sampling settings of generation models.
+    #[cfg_attr(not(feature = "generate"), allow(dead_code))]
     parameters: Option<serde_json::Map<String, Value>>,
 }
 
@@ -142,6 +150,7 @@ struct OutputTensor {
 #[serde(untagged)]
 enum TensorData {
     Fp32(Vec<f32>),
+    #[cfg_attr(not(feature = "generate"), allow(dead_code))]
     Bytes(Vec<String>),
 }
 
@@ -166,6 +175,7 @@ async fn run_infer(
     let req: InferRequest = parse_json(body)?;
     match model {
         LoadedModel::Embed(m) => infer_embed(&m, name, req).await,
+        #[cfg(feature = "generate")]
         LoadedModel::Generate(m) => infer_generate(&m, name, req).await,
     }
 }
@@ -211,6 +221,7 @@ async fn infer_embed(
     })
 }
 
+#[cfg(feature = "generate")]
 /// One prompt in, one text out; sampling comes from the request's `parameters` under the
 /// OpenAI names (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`, penalties).
 async fn infer_generate(

@@ -1,5 +1,6 @@
 //! Routes by API: OpenAI-compatible (`/v1`), KServe v2 (`/v2`), health and metrics.
 
+#[cfg(feature = "generate")]
 mod completions;
 mod health;
 mod kserve;
@@ -21,10 +22,12 @@ pub fn cloud() -> Router<AppState> {
 
 /// The routes that name a model (in the body or the path): the ones the edge places.
 pub fn model_routes() -> Router<AppState> {
-    Router::new()
+    let routes = Router::new()
         .merge(openai::router())
-        .merge(completions::router())
-        .merge(kserve::model_router())
+        .merge(kserve::model_router());
+    #[cfg(feature = "generate")]
+    let routes = routes.merge(completions::router());
+    routes
 }
 
 /// The routes about the server itself: health, metrics, KServe server metadata, and the
@@ -49,7 +52,9 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 
 use super::ModelLabel;
-use crate::registry::{EmbeddingModel, GenerationModel, LoadedModel};
+#[cfg(feature = "generate")]
+use crate::registry::GenerationModel;
+use crate::registry::{EmbeddingModel, LoadedModel};
 
 fn lookup(state: &AppState, name: &str) -> Result<LoadedModel, ApiError> {
     state
@@ -62,6 +67,7 @@ fn lookup(state: &AppState, name: &str) -> Result<LoadedModel, ApiError> {
 fn task_name(model: &LoadedModel) -> &'static str {
     match model {
         LoadedModel::Embed(_) => "embed",
+        #[cfg(feature = "generate")]
         LoadedModel::Generate(_) => "generate",
     }
 }
@@ -70,6 +76,7 @@ fn task_name(model: &LoadedModel) -> &'static str {
 fn wrong_task(name: &str, model: &LoadedModel) -> ApiError {
     let routes = match model {
         LoadedModel::Embed(_) => "/v1/embeddings",
+        #[cfg(feature = "generate")]
         LoadedModel::Generate(_) => "/v1/chat/completions and /v1/completions",
     };
     ApiError::new(
@@ -84,12 +91,15 @@ fn wrong_task(name: &str, model: &LoadedModel) -> ApiError {
 }
 
 fn embedding_model(state: &AppState, name: &str) -> Result<Arc<EmbeddingModel>, ApiError> {
+    // Without generation every model embeds, and the second arm cannot match.
+    #[cfg_attr(not(feature = "generate"), allow(unreachable_patterns))]
     match lookup(state, name)? {
         LoadedModel::Embed(m) => Ok(m),
         other => Err(wrong_task(name, &other)),
     }
 }
 
+#[cfg(feature = "generate")]
 fn generation_model(state: &AppState, name: &str) -> Result<Arc<GenerationModel>, ApiError> {
     match lookup(state, name)? {
         LoadedModel::Generate(m) => Ok(m),
