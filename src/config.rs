@@ -264,3 +264,26 @@ fn config_path(args: &[std::ffi::OsString]) -> Option<PathBuf> {
     }
     std::env::var_os("EMBER_CONFIG").map(PathBuf::from)
 }
+
+#[cfg(all(test, feature = "edge"))]
+mod tests {
+    use super::url_arg::UpstreamUrl;
+
+    #[test]
+    fn upstream_urls_are_http_base_urls() {
+        let url: UpstreamUrl = "http://cloud.svc:8080/ember/".parse().unwrap();
+        assert_eq!(url.authority, "cloud.svc:8080");
+        assert_eq!(url.prefix, "/ember");
+        assert_eq!(url.to_string(), "http://cloud.svc:8080/ember");
+        let plain: UpstreamUrl = "http://127.0.0.1:9000".parse().unwrap();
+        assert_eq!(plain.prefix, "");
+        for bad in [
+            "https://cloud:443",
+            "cloud:8080",
+            "http://cloud:1/?x=1",
+            "ftp://x",
+        ] {
+            assert!(bad.parse::<UpstreamUrl>().is_err(), "{bad} was accepted");
+        }
+    }
+}

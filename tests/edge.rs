@@ -535,12 +535,16 @@ async fn the_edge_presents_its_own_credential_and_bounds_a_stalled_upstream() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn settings_come_from_a_config_file_and_bad_keys_are_named() {
+    // The file also sets a size budget the encoder (87 MB) does not fit: it is forwarded.
     let upstream = fake_upstream().await;
     let dir = repository_with(&[("local-encoder", "")]);
     let config = dir.join("edge.toml");
     std::fs::write(
         &config,
-        format!("upstream = \"http://{upstream}\"\nupstream_api_key = \"from-file\"\n"),
+        format!(
+            "upstream = \"http://{upstream}\"\nupstream_api_key = \"from-file\"\n\
+             edge_max_model_mb = 50\n"
+        ),
     )
     .unwrap();
     let edge = Server::spawn(&[
@@ -562,6 +566,23 @@ async fn settings_come_from_a_config_file_and_bad_keys_are_named() {
         .unwrap();
     let seen: Value = r.json().await.unwrap();
     assert_eq!(seen["authorization"], "Bearer from-file");
+    let (_, list) = edge.get("/v1/models").await;
+    assert!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["id"] != "local-encoder"),
+        "over the budget, the edge-tier encoder is not loaded here: {list}"
+    );
+    let r = edge
+        .client
+        .post(edge.url("/v1/embeddings"))
+        .json(&json!({"model": "local-encoder", "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, SERVED_BY), "cloud");
 
     std::fs::write(
         &config,
