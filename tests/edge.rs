@@ -124,12 +124,11 @@ async fn the_edge_serves_its_model_and_streams_the_heavy_one_from_the_cloud() {
     // The encoder is edge-tier: served here, and still the real model.
     let reference = &reference_cases()[0];
     let r = edge
-        .client
-        .post(edge.url("/v1/embeddings"))
-        .json(&json!({"model": MINILM, "input": reference.text}))
-        .send()
-        .await
-        .unwrap();
+        .send(
+            "/v1/embeddings",
+            &json!({"model": MINILM, "input": reference.text}),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, SERVED_BY), "edge");
     let body: Value = r.json().await.unwrap();
@@ -145,15 +144,12 @@ async fn the_edge_serves_its_model_and_streams_the_heavy_one_from_the_cloud() {
         .find(|c| decisive(c))
         .expect("a decisive completion case");
     let r = edge
-        .client
-        .post(edge.url("/v1/completions"))
-        .json(
+        .send(
+            "/v1/completions",
             &json!({"model": SMOLLM, "prompt": case["prompt"], "max_tokens": 24,
                       "temperature": 0, "stream": true}),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, SERVED_BY), "cloud");
     let events = Events::new(r).rest().await;
@@ -183,13 +179,15 @@ async fn the_edge_serves_its_model_and_streams_the_heavy_one_from_the_cloud() {
     let mut events = Events::new(r);
     let first: Value = serde_json::from_str(&events.next().await.unwrap()).unwrap();
     assert_eq!(first["id"], "chatcmpl-edge-test-42", "the cloud saw the id");
+    // The role chunk goes out before the sequence is admitted; wait for generated text.
+    while delta_text(&events.next().await.expect("generated text")).is_empty() {}
     let running = gauge(
         &cloud.metrics().await,
         &format!("ember_running_sequences{{model=\"{SMOLLM}\"}}"),
     );
     assert_eq!(
         running, 1.0,
-        "the first chunk arrived before generation ended"
+        "the first text arrived before generation ended"
     );
     let rest = events.rest().await;
     assert!(rest.len() > 10, "the stream came in {} events", rest.len());
@@ -197,12 +195,8 @@ async fn the_edge_serves_its_model_and_streams_the_heavy_one_from_the_cloud() {
 
     // Without a client id, the edge makes one and the cloud uses it.
     let r = edge
-        .client
-        .post(edge.url("/v1/chat/completions"))
-        .json(&chat("Hi", 2, false))
-        .send()
-        .await
-        .unwrap();
+        .send("/v1/chat/completions", &chat("Hi", 2, false))
+        .await;
     let id = header(&r, "x-request-id").to_string();
     assert!(!id.is_empty());
     let body: Value = r.json().await.unwrap();
@@ -210,15 +204,12 @@ async fn the_edge_serves_its_model_and_streams_the_heavy_one_from_the_cloud() {
 
     // KServe routes are placed by the model in the path.
     let r = edge
-        .client
-        .post(edge.url(&format!("/v2/models/{SMOLLM}/infer")))
-        .json(
+        .send(
+            &format!("/v2/models/{SMOLLM}/infer"),
             &json!({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
                                   "data": ["Hello"]}], "parameters": {"max_tokens": 3}}),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, SERVED_BY), "cloud");
     let (status, meta) = edge.get(&format!("/v2/models/{MINILM}")).await;
@@ -279,12 +270,11 @@ async fn upstream_death_ends_streams_cleanly_fails_fast_and_recovery_needs_no_re
 
     // Killed mid-stream: the client's stream ends with an error event and [DONE], no hang.
     let r = edge
-        .client
-        .post(edge.url("/v1/chat/completions"))
-        .json(&chat("Tell me everything about the ocean.", 400, true))
-        .send()
-        .await
-        .unwrap();
+        .send(
+            "/v1/chat/completions",
+            &chat("Tell me everything about the ocean.", 400, true),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let mut events = Events::new(r);
     events.next().await.expect("a first event");
@@ -303,12 +293,8 @@ async fn upstream_death_ends_streams_cleanly_fails_fast_and_recovery_needs_no_re
     for _ in 0..5 {
         let started = Instant::now();
         let r = edge
-            .client
-            .post(edge.url("/v1/chat/completions"))
-            .json(&chat("Hi", 4, false))
-            .send()
-            .await
-            .unwrap();
+            .send("/v1/chat/completions", &chat("Hi", 4, false))
+            .await;
         elapsed.push(started.elapsed());
         assert_eq!(r.status(), 503);
         let retry: u64 = header(&r, "retry-after").parse().unwrap();
@@ -329,12 +315,11 @@ async fn upstream_death_ends_streams_cleanly_fails_fast_and_recovery_needs_no_re
         ) >= 5.0
     );
     let r = edge
-        .client
-        .post(edge.url("/v1/embeddings"))
-        .json(&json!({"model": "local-encoder", "input": "still here"}))
-        .send()
-        .await
-        .unwrap();
+        .send(
+            "/v1/embeddings",
+            &json!({"model": "local-encoder", "input": "still here"}),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, SERVED_BY), "edge");
     let (status, _) = edge.get("/health/ready").await;
@@ -352,12 +337,8 @@ async fn upstream_death_ends_streams_cleanly_fails_fast_and_recovery_needs_no_re
     )
     .await;
     let r = edge
-        .client
-        .post(edge.url("/v1/chat/completions"))
-        .json(&chat("Hi", 4, false))
-        .send()
-        .await
-        .unwrap();
+        .send("/v1/chat/completions", &chat("Hi", 4, false))
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, SERVED_BY), "cloud");
 }
@@ -423,12 +404,8 @@ async fn a_saturated_local_model_spills_to_the_cloud_and_returns_when_load_drops
 
     // Load gone: the queue is empty, so the next request is local again.
     let r = edge
-        .client
-        .post(edge.url("/v1/embeddings"))
-        .json(&json!({"model": MINILM, "input": text}))
-        .send()
-        .await
-        .unwrap();
+        .send("/v1/embeddings", &json!({"model": MINILM, "input": text}))
+        .await;
     assert_eq!(header(&r, SERVED_BY), "edge");
 }
 
@@ -505,24 +482,22 @@ async fn the_edge_presents_its_own_credential_and_bounds_a_stalled_upstream() {
 
     // No response headers in time: 504 in the API's shape.
     let r = edge
-        .client
-        .post(edge.url("/v1/completions"))
-        .json(&json!({"model": "remote", "prompt": "x"}))
-        .send()
-        .await
-        .unwrap();
+        .send(
+            "/v1/completions",
+            &json!({"model": "remote", "prompt": "x"}),
+        )
+        .await;
     assert_eq!(r.status(), 504);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "upstream_timeout");
 
     // A stream that stalls after its first event ends at the total timeout with an error event.
     let r = edge
-        .client
-        .post(edge.url("/v1/completions"))
-        .json(&json!({"model": "remote", "prompt": "x", "stream": true}))
-        .send()
-        .await
-        .unwrap();
+        .send(
+            "/v1/completions",
+            &json!({"model": "remote", "prompt": "x", "stream": true}),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let events = Events::new(r).rest().await;
     assert_eq!(events.len(), 3, "{events:?}");
@@ -558,12 +533,11 @@ async fn settings_come_from_a_config_file_and_bad_keys_are_named() {
     ])
     .await;
     let r = edge
-        .client
-        .post(edge.url("/v1/chat/completions"))
-        .json(&json!({"model": "remote", "messages": []}))
-        .send()
-        .await
-        .unwrap();
+        .send(
+            "/v1/chat/completions",
+            &json!({"model": "remote", "messages": []}),
+        )
+        .await;
     let seen: Value = r.json().await.unwrap();
     assert_eq!(seen["authorization"], "Bearer from-file");
     let (_, list) = edge.get("/v1/models").await;
@@ -576,12 +550,11 @@ async fn settings_come_from_a_config_file_and_bad_keys_are_named() {
         "over the budget, the edge-tier encoder is not loaded here: {list}"
     );
     let r = edge
-        .client
-        .post(edge.url("/v1/embeddings"))
-        .json(&json!({"model": "local-encoder", "input": "x"}))
-        .send()
-        .await
-        .unwrap();
+        .send(
+            "/v1/embeddings",
+            &json!({"model": "local-encoder", "input": "x"}),
+        )
+        .await;
     assert_eq!(header(&r, SERVED_BY), "cloud");
 
     std::fs::write(

@@ -181,6 +181,16 @@ impl Server {
         }
     }
 
+    /// POSTs JSON and returns the response itself (headers, streamed body).
+    pub async fn send(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
         let r = self
             .client
