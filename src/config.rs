@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::engine::DeviceSpec;
+use crate::server::auth::{AccessPolicy, Secret};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,6 +71,27 @@ pub struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, env = "EMBER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// An API key for the inference routes (`Authorization: Bearer <key>`). Prefer the
+    /// environment or `--api-key-file`: a command line is visible to other local users.
+    #[arg(long, env = "EMBER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret>,
+
+    /// A file of API keys, one per line (blank lines and `#` comments are skipped).
+    #[arg(long, env = "EMBER_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// The admin key, for operator endpoints (model control, and `/metrics` unless open).
+    #[arg(long, env = "EMBER_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<Secret>,
+
+    /// Health probes answer without a key (what Kubernetes probes need); `false`: any valid key.
+    #[arg(long, env = "EMBER_OPEN_HEALTH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub open_health: bool,
+
+    /// `/metrics` answers without a key (what scrapers need); `false`: the admin key only.
+    #[arg(long, env = "EMBER_OPEN_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub open_metrics: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -81,6 +103,20 @@ pub enum LogFormat {
 impl ServeArgs {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// The keys of `--api-key` and `--api-key-file` together, and the admin key.
+    pub fn access_policy(&self) -> Result<AccessPolicy, String> {
+        let mut keys: Vec<Secret> = self.api_key.iter().cloned().collect();
+        if let Some(file) = &self.api_key_file {
+            keys.extend(AccessPolicy::read_key_file(file)?);
+        }
+        Ok(AccessPolicy::new(
+            &keys,
+            self.admin_key.as_ref(),
+            self.open_health,
+            self.open_metrics,
+        ))
     }
 }
 
@@ -97,7 +133,7 @@ pub struct EdgeArgs {
 
     /// Bearer credential the edge presents to the upstream (the client's is never passed on).
     #[arg(long, env = "EMBER_UPSTREAM_API_KEY", hide_env_values = true)]
-    pub upstream_api_key: Option<String>,
+    pub upstream_api_key: Option<Secret>,
 
     /// Size budget for local models: an edge-tier model whose weights are larger is forwarded.
     #[arg(long, env = "EMBER_EDGE_MAX_MODEL_MB")]

@@ -11,6 +11,7 @@ use ember::metrics::Metrics;
 use ember::registry::{self, ModelRegistry};
 use ember::repository::ModelSpec;
 use ember::repository::RepositoryError;
+use ember::server::auth::AccessPolicy;
 use ember::server::{self, AppState, Health};
 use tracing_subscriber::EnvFilter;
 
@@ -26,6 +27,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(argv);
     let args = cli.command.server().clone();
     init_logging(args.log_format);
+    let access = match args.access_policy() {
+        Ok(access) => access,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if access.is_open() {
+        tracing::warn!("{}", access.describe());
+    } else {
+        tracing::info!("{}", access.describe());
+    }
     let specs = match models_to_load(&cli.command) {
         Ok(specs) => specs,
         Err(e) => {
@@ -44,7 +57,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command, specs)) {
+    match runtime.block_on(run(cli.command, specs, access)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -103,7 +116,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn run(command: Command, specs: Vec<ModelSpec>) -> anyhow::Result<()> {
+async fn run(command: Command, specs: Vec<ModelSpec>, access: AccessPolicy) -> anyhow::Result<()> {
     let started = Instant::now();
     let args = command.server();
     let device = args.device.open()?;
@@ -117,6 +130,7 @@ async fn run(command: Command, specs: Vec<ModelSpec>) -> anyhow::Result<()> {
     tracing::info!(%addr, device = %args.device, models = specs.len(), "listening; loading models");
 
     let state = AppState {
+        access: Arc::new(access),
         registry: Arc::new(ModelRegistry::default()),
         metrics: Arc::new(Metrics::new()),
         health: Arc::new(Health::default()),

@@ -53,7 +53,10 @@ pub fn app(args: &EdgeArgs, state: &AppState) -> Result<Router, String> {
     let metrics = state.metrics.edge();
     let config = UpstreamConfig {
         url: args.upstream.clone(),
-        credential: args.upstream_api_key.clone(),
+        credential: args
+            .upstream_api_key
+            .as_ref()
+            .map(|k| k.expose().to_owned()),
         connect_timeout: Duration::from_millis(args.upstream_connect_timeout_ms),
         first_byte_timeout: Duration::from_millis(args.upstream_first_byte_timeout_ms),
         total_timeout: Duration::from_millis(args.upstream_timeout_ms),

@@ -198,6 +198,11 @@ fn finish(e: &ApiError, mut response: Response) -> Response {
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
+    if e.status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
     if e.status.is_server_error() {
         tracing::warn!(status = e.status.as_u16(), code = e.code, message = %e.message, "request failed");
     }

@@ -1,6 +1,7 @@
 //! The HTTP layer: axum router, shared state, cross-cutting layers and the serve loop with
 //! graceful shutdown. Routes live in [`routes`]; errors become responses in [`error`].
 
+pub mod auth;
 pub mod error;
 pub mod request_id;
 pub mod routes;
@@ -47,6 +48,7 @@ impl Health {
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
+    pub access: Arc<auth::AccessPolicy>,
     pub registry: Arc<ModelRegistry>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
@@ -63,7 +65,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Wraps an application in the layers every tier shares, outermost first: request id (kept or
-/// created, echoed on the response), metrics and the request log line, refusal while draining.
+/// created, echoed on the response), metrics and the request log line, access control, refusal
+/// while draining.
 pub fn with_layers(app: Router, state: &AppState) -> Router {
     use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
     let id = axum::http::HeaderName::from_static(request_id::HEADER);
@@ -73,10 +76,22 @@ pub fn with_layers(app: Router, state: &AppState) -> Router {
     ))
     .layer(axum::middleware::from_fn_with_state(
         state.clone(),
+        require_key,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
         record_metrics,
     ))
     .layer(PropagateRequestIdLayer::new(id.clone()))
     .layer(SetRequestIdLayer::new(id, request_id::NewRequestId))
+}
+
+/// Refuses a request without the key its route needs, before anything else looks at it.
+async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match state.access.check(req.uri().path(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => error::for_path(req.uri().path(), e),
+    }
 }
 
 /// During the drain, inference is refused at once; probes and metrics still answer.

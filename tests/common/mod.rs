@@ -152,7 +152,14 @@ impl Server {
             base,
             client: reqwest::Client::new(),
         };
-        server.wait_ready(Duration::from_secs(60)).await;
+        // Keyed health probes need one of the server's keys.
+        let key = args
+            .iter()
+            .position(|a| a == "--api-key")
+            .and_then(|i| args.get(i + 1));
+        server
+            .wait_ready(key.map(String::as_str), Duration::from_secs(60))
+            .await;
         server
     }
 
@@ -165,10 +172,14 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
-    async fn wait_ready(&self, limit: Duration) {
+    async fn wait_ready(&self, key: Option<&str>, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            if let Ok(r) = self.client.get(self.url("/health/ready")).send().await {
+            let mut probe = self.client.get(self.url("/health/ready"));
+            if let Some(key) = key {
+                probe = probe.bearer_auth(key);
+            }
+            if let Ok(r) = probe.send().await {
                 if r.status() == 200 {
                     return;
                 }
