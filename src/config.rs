@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::engine::DeviceSpec;
 use crate::server::auth::{AccessPolicy, Secret};
+use crate::server::limits::Limits;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -92,6 +93,24 @@ pub struct ServeArgs {
     /// `/metrics` answers without a key (what scrapers need); `false`: the admin key only.
     #[arg(long, env = "EMBER_OPEN_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub open_metrics: bool,
+
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, env = "EMBER_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=(1 << 30)))]
+    pub max_body_bytes: u64,
+
+    /// Most inputs in one embeddings request; more get 413.
+    #[arg(long, env = "EMBER_MAX_INPUTS", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_inputs: u64,
+
+    /// Whether a text longer than its model's `max_seq_length` is cut there (`true`) or refused
+    /// with 400 (`false`), when the request's own `truncate` does not say.
+    #[arg(long, env = "EMBER_TRUNCATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub truncate: bool,
+
+    /// The longest a request may take, streamed body included; a client may ask for less with
+    /// `x-request-timeout: SECONDS`. Past it: 504, and the work is cancelled.
+    #[arg(long, env = "EMBER_REQUEST_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub request_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -103,6 +122,15 @@ pub enum LogFormat {
 impl ServeArgs {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_body_bytes: self.max_body_bytes as usize,
+            max_inputs: self.max_inputs as usize,
+            truncate: self.truncate,
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+        }
     }
 
     /// The keys of `--api-key` and `--api-key-file` together, and the admin key.

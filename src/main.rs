@@ -131,6 +131,7 @@ async fn run(command: Command, specs: Vec<ModelSpec>, access: AccessPolicy) -> a
 
     let state = AppState {
         access: Arc::new(access),
+        limits: args.limits(),
         registry: Arc::new(ModelRegistry::default()),
         metrics: Arc::new(Metrics::new()),
         health: Arc::new(Health::default()),

@@ -2,12 +2,11 @@
 //! else to the cloud tier, deciding per request (DESIGN.md, "Edge placement").
 //!
 //! [`placement`] is the decision, [`breaker`] the upstream's circuit, [`upstream`] the client
-//! and its probe, [`stream`] the forwarded body, [`routes`] the HTTP glue.
+//! and its probe, [`routes`] the HTTP glue.
 
 mod breaker;
 mod placement;
 mod routes;
-mod stream;
 mod upstream;
 
 use std::sync::Arc;

@@ -23,10 +23,6 @@ use crate::server::{AppState, ModelLabel};
 /// Which tier produced a response.
 pub const SERVED_BY: &str = "x-ember-served-by";
 
-/// Largest request body the edge reads to find the model: axum's default limit, the one the
-/// local routes apply too.
-const BODY_LIMIT: usize = 2 * 1024 * 1024;
-
 pub struct Edge {
     state: AppState,
     /// The local models' routes, without the server-wide layers (the edge's own wrap them).
@@ -70,9 +66,12 @@ struct Named {
 /// OpenAI routes name the model in the JSON body.
 async fn by_body(State(edge): State<Arc<Edge>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
+    let body = match axum::body::to_bytes(body, edge.state.limits.max_body_bytes).await {
         Ok(body) => body,
-        Err(e) => return for_path(parts.uri.path(), unreadable_body(e)),
+        Err(e) => {
+            let limit = edge.state.limits.max_body_bytes;
+            return for_path(parts.uri.path(), unreadable_body(e, limit));
+        }
     };
     match serde_json::from_slice::<Named>(&body) {
         Ok(Named { model }) => edge.dispatch(parts, body, model).await,
@@ -93,9 +92,12 @@ async fn by_path(State(edge): State<Arc<Edge>>, request: Request) -> Response {
     else {
         return edge.local(parts, Bytes::new()).await;
     };
-    let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
+    let body = match axum::body::to_bytes(body, edge.state.limits.max_body_bytes).await {
         Ok(body) => body,
-        Err(e) => return for_path(parts.uri.path(), unreadable_body(e)),
+        Err(e) => {
+            let limit = edge.state.limits.max_body_bytes;
+            return for_path(parts.uri.path(), unreadable_body(e, limit));
+        }
     };
     edge.dispatch(parts, body, model).await
 }
@@ -120,14 +122,14 @@ fn percent_decoded(segment: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn unreadable_body(e: axum::Error) -> ApiError {
+fn unreadable_body(e: axum::Error, limit: usize) -> ApiError {
     let too_large =
         std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
     if too_large {
         ApiError::new(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!("the request body is larger than {BODY_LIMIT} bytes"),
+            format!("the request body is larger than {limit} bytes"),
         )
     } else {
         ApiError::new(

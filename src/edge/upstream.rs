@@ -17,9 +17,10 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::breaker::{Admission, Breaker, BreakerConfig, CircuitState};
-use super::stream::ProxyBody;
 use crate::config::url_arg::UpstreamUrl;
 use crate::metrics::EdgeMetrics;
+use crate::server::bounded_body::{Bounded, Failure};
+use crate::server::error::ApiError;
 
 /// Why a request could not be forwarded; the server maps each to a status.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -277,7 +278,26 @@ impl Upstream {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        let body = ProxyBody::new(body, deadline, sse && is_event_stream, self.clone());
+        let upstream = self.clone();
+        let on_failure = Box::new(move |why: Failure| match why {
+            Failure::Broken(e) => {
+                upstream.failed("stream");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    format!("the upstream broke off the response: {e}"),
+                )
+            }
+            Failure::Deadline => {
+                upstream.failed("timeout");
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    "the upstream's response passed the edge's total timeout",
+                )
+            }
+        });
+        let body = Bounded::new(body, deadline, sse && is_event_stream, on_failure);
         Response::from_parts(parts, Body::new(body))
     }
 

@@ -65,15 +65,20 @@ impl EmbeddingModel {
         self.batcher.expected_wait()
     }
 
-    /// Embeds every input; the results come back in input order.
-    pub async fn embed(&self, inputs: Vec<EmbedInput>) -> Result<Vec<Embedding>, ModelError> {
+    /// Embeds every input; the results come back in input order. A text longer than the
+    /// model's `max_seq_length` is cut there when `truncate`, refused otherwise.
+    pub async fn embed(
+        &self,
+        inputs: Vec<EmbedInput>,
+        truncate: bool,
+    ) -> Result<Vec<Embedding>, ModelError> {
         if inputs.is_empty() {
             return Err(ModelError::InvalidInput {
                 index: None,
                 message: "the input list is empty; send at least one input".into(),
             });
         }
-        let encoded = self.encode(inputs).await?;
+        let encoded = self.encode(inputs, truncate).await?;
         let meta: Vec<(usize, bool)> = encoded.iter().map(|(ids, t)| (ids.len(), *t)).collect();
         let replies = self.batcher.submit(
             encoded
@@ -100,7 +105,11 @@ impl EmbeddingModel {
 
     /// Token ids per input and whether truncation cut it. Texts are tokenised on the blocking
     /// pool: a long text takes milliseconds, too long for the async runtime.
-    async fn encode(&self, inputs: Vec<EmbedInput>) -> Result<Vec<(Vec<u32>, bool)>, ModelError> {
+    async fn encode(
+        &self,
+        inputs: Vec<EmbedInput>,
+        truncate: bool,
+    ) -> Result<Vec<(Vec<u32>, bool)>, ModelError> {
         let info = self.info.clone();
         let tokenizer = self.tokenizer.clone();
         let needs_tokenizer = inputs.iter().any(|i| matches!(i, EmbedInput::Text(_)));
@@ -109,13 +118,21 @@ impl EmbeddingModel {
                 .into_iter()
                 .enumerate()
                 .map(|(index, input)| match input {
-                    EmbedInput::Text(text) => tokenizer
-                        .encode(&text)
-                        .map(|e| (e.ids, e.truncated))
-                        .map_err(|e| ModelError::InvalidInput {
+                    EmbedInput::Text(text) => match tokenizer.encode(&text) {
+                        Ok(e) if e.truncated && !truncate => Err(ModelError::InvalidInput {
+                            index: Some(index),
+                            message: format!(
+                                "input {index} is longer than this model's {} tokens; shorten \
+                                 it or send `truncate: true` to cut it there",
+                                info.max_seq_length
+                            ),
+                        }),
+                        Ok(e) => Ok((e.ids, e.truncated)),
+                        Err(e) => Err(ModelError::InvalidInput {
                             index: Some(index),
                             message: format!("input {index}: {e}"),
                         }),
+                    },
                     EmbedInput::Tokens(ids) => {
                         check_tokens(index, ids, &info).map(|ids| (ids, false))
                     }

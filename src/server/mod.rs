@@ -2,7 +2,9 @@
 //! graceful shutdown. Routes live in [`routes`]; errors become responses in [`error`].
 
 pub mod auth;
+pub mod bounded_body;
 pub mod error;
+pub mod limits;
 pub mod request_id;
 pub mod routes;
 
@@ -49,6 +51,7 @@ impl Health {
 #[derive(Clone)]
 pub struct AppState {
     pub access: Arc<auth::AccessPolicy>,
+    pub limits: limits::Limits,
     pub registry: Arc<ModelRegistry>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
@@ -65,14 +68,21 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Wraps an application in the layers every tier shares, outermost first: request id (kept or
-/// created, echoed on the response), metrics and the request log line, access control, refusal
-/// while draining.
+/// created, echoed on the response), metrics and the request log line, access control, the
+/// request deadline, the body limit, refusal while draining.
 pub fn with_layers(app: Router, state: &AppState) -> Router {
     use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
     let id = axum::http::HeaderName::from_static(request_id::HEADER);
     app.layer(axum::middleware::from_fn_with_state(
         state.clone(),
         refuse_while_draining,
+    ))
+    .layer(axum::extract::DefaultBodyLimit::max(
+        state.limits.max_body_bytes,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        limits::enforce_deadline,
     ))
     .layer(axum::middleware::from_fn_with_state(
         state.clone(),

@@ -18,6 +18,7 @@ use crate::registry::{EmbedInput, EmbeddingModel, LoadedModel};
 #[cfg(feature = "generate")]
 use crate::registry::{GenerationModel, Prompt};
 use crate::server::error::{parse_json, ApiError, KServeError};
+use crate::server::limits::Limits;
 use crate::server::AppState;
 
 /// The input and output tensor names of embedding models.
@@ -109,8 +110,7 @@ struct InferRequest {
     id: Option<String>,
     inputs: Vec<InferInput>,
     outputs: Option<Vec<RequestedOutput>>,
-    /// Sampling settings of generation models.
-    #[cfg_attr(not(feature = "generate"), allow(dead_code))]
+    /// Sampling settings of generation models; `truncate` for embedding models.
     parameters: Option<serde_json::Map<String, Value>>,
 }
 
@@ -174,7 +174,7 @@ async fn run_infer(
     *label = Some(name.to_string());
     let req: InferRequest = parse_json(body)?;
     match model {
-        LoadedModel::Embed(m) => infer_embed(&m, name, req).await,
+        LoadedModel::Embed(m) => infer_embed(&m, name, req, &state.limits).await,
         #[cfg(feature = "generate")]
         LoadedModel::Generate(m) => infer_generate(&m, name, req).await,
     }
@@ -195,12 +195,23 @@ async fn infer_embed(
     embedder: &EmbeddingModel,
     name: &str,
     req: InferRequest,
+    limits: &Limits,
 ) -> Result<InferResponse, ApiError> {
     let texts = texts_from(&req.inputs, TEXT_INPUT)?;
     check_outputs(&req, name, EMBEDDING_OUTPUT)?;
     let n = texts.len();
+    limits.check_inputs(n)?;
+    let truncate = match req.parameters.as_ref().and_then(|p| p.get("truncate")) {
+        None => limits.truncate,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "parameter \"truncate\" must be true or false, not {other}"
+            )))
+        }
+    };
     let results = embedder
-        .embed(texts.into_iter().map(EmbedInput::Text).collect())
+        .embed(texts.into_iter().map(EmbedInput::Text).collect(), truncate)
         .await?;
     let dims = embedder.info().dimensions;
     let mut data = Vec::with_capacity(n * dims);

@@ -29,6 +29,9 @@ struct EmbeddingsRequest {
     #[serde(default)]
     encoding_format: EncodingFormat,
     dimensions: Option<u64>,
+    /// Cut texts longer than the model takes (an Ember extension, as in TEI); `None`: the
+    /// server's default.
+    truncate: Option<bool>,
     /// Accepted for compatibility; never logged or used as a label.
     #[serde(default, rename = "user")]
     _user: Option<String>,
@@ -94,7 +97,9 @@ async fn embed(
         }
     }
     let inputs = parse_input(req.input)?;
-    let results = embedder.embed(inputs).await?;
+    state.limits.check_inputs(inputs.len())?;
+    let truncate = req.truncate.unwrap_or(state.limits.truncate);
+    let results = embedder.embed(inputs, truncate).await?;
     let prompt_tokens = results.iter().map(|r| r.tokens).sum();
     let truncated_inputs = results.iter().filter(|r| r.truncated).count();
     let data = results

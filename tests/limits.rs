@@ -1,0 +1,204 @@
+//! Request limits over real HTTP: body size, inputs per request, truncation (server default and
+//! per request), and deadlines (whole responses and streams), each with its status and message,
+//! and nothing computed for a refused request.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const MODEL: &str = "encoder";
+
+fn long_text() -> String {
+    "Every queue is bounded and every request has a deadline. ".repeat(40)
+}
+
+fn batches(metrics: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("ember_batch_size_items_count{{model=\"{MODEL}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_bodies_and_too_many_inputs_get_413_before_any_compute() {
+    let models = repository_with(&[(MODEL, "")]);
+    let server = Server::start(&models, &["--max-body-bytes", "4096", "--max-inputs", "3"]).await;
+    let before = batches(&server.metrics().await);
+
+    let big = "x".repeat(5000);
+    let (status, body) = server
+        .post("/v1/embeddings", json!({"model": MODEL, "input": big}))
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "body_too_large");
+    let (status, body) = server
+        .post(
+            &format!("/v2/models/{MODEL}/infer"),
+            json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [big]}]}),
+        )
+        .await;
+    assert_eq!(status, 413);
+    assert!(body["error"].is_string(), "KServe shape: {body}");
+
+    let (status, body) = server
+        .post(
+            "/v1/embeddings",
+            json!({"model": MODEL, "input": ["a", "b", "c", "d"]}),
+        )
+        .await;
+    assert_eq!(status, 413);
+    assert_eq!(body["error"]["code"], "too_many_inputs");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 3"),
+        "{body}"
+    );
+    let (status, _) = server
+        .post(
+            "/v1/embeddings",
+            json!({"model": MODEL, "input": ["a", "b", "c"]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let after = batches(&server.metrics().await);
+    assert!(
+        after > before && after <= before + 3.0,
+        "only the accepted request was computed ({before} → {after})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn long_texts_are_cut_or_refused_by_server_default_and_request_flag() {
+    let models = repository_with(&[(MODEL, "")]);
+    let cutting = Server::start(&models, &[]).await;
+    let refusing = Server::start(&models, &["--truncate", "false"]).await;
+    let text = long_text();
+
+    let (status, body) = cutting
+        .post("/v1/embeddings", json!({"model": MODEL, "input": text}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["usage"]["truncated_inputs"], 1);
+    let (status, body) = cutting
+        .post(
+            "/v1/embeddings",
+            json!({"model": MODEL, "input": ["short", text], "truncate": false}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "input[1]");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("256 tokens"),
+        "{body}"
+    );
+
+    let (status, body) = refusing
+        .post("/v1/embeddings", json!({"model": MODEL, "input": text}))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = refusing
+        .post(
+            "/v1/embeddings",
+            json!({"model": MODEL, "input": text, "truncate": true}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let infer = |truncate: Value| {
+        json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}],
+               "parameters": {"truncate": truncate}})
+    };
+    let path = format!("/v2/models/{MODEL}/infer");
+    let (status, _) = refusing.post(&path, infer(json!(true))).await;
+    assert_eq!(status, 200);
+    let (status, body) = cutting.post(&path, infer(json!(false))).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = cutting.post(&path, infer(json!("yes"))).await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_past_its_deadline_gets_504_and_its_queued_work_is_dropped() {
+    // One single-input instance: 64 long texts queue behind each other for a while.
+    let models = repository_with(&[(
+        MODEL,
+        "max_batch_size = 1\ninstances = 1\nmax_queue_delay_ms = 0",
+    )]);
+    let server = Server::start(&models, &["--compute-threads", "1"]).await;
+    let inputs: Vec<String> = (0..64).map(|i| format!("{i} {}", long_text())).collect();
+    let started = Instant::now();
+    let r = server
+        .client
+        .post(server.url("/v1/embeddings"))
+        .header("x-request-timeout", "0.2")
+        .json(&json!({"model": MODEL, "input": inputs}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "deadline_exceeded");
+    // The inputs still queued are skipped, not computed for nobody.
+    let cancelled = format!("ember_cancelled_items_total{{model=\"{MODEL}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = server.metrics().await;
+        let dropped = metric(&m, &cancelled).unwrap_or(0.0);
+        if dropped > 0.0 {
+            assert!(batches(&m) + dropped <= 64.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no queued input was dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let r = server
+        .client
+        .post(server.url("/v1/embeddings"))
+        .header("x-request-timeout", "soon")
+        .json(&json!({"model": MODEL, "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_past_its_deadline_ends_with_an_error_event_and_frees_its_sequence() {
+    let server = Server::start(&smollm_repository(""), &["--compute-threads", "2"]).await;
+    let r = server
+        .client
+        .post(server.url("/v1/chat/completions"))
+        .header("x-request-timeout", "0.5")
+        .json(
+            &json!({"model": SMOLLM, "stream": true, "max_tokens": 2000, "temperature": 0,
+                      "messages": [{"role": "user", "content": "Tell me a very long story."}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let error: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "deadline_exceeded", "{error}");
+    let running = format!("ember_running_sequences{{model=\"{SMOLLM}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&server.metrics().await, &running) != Some(0.0) {
+        assert!(Instant::now() < deadline, "the sequence was not freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
