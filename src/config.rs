@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::engine::DeviceSpec;
 use crate::server::auth::{AccessPolicy, Secret};
 use crate::server::limits::Limits;
+use crate::server::rate_limit::RateLimiter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -111,6 +112,19 @@ pub struct ServeArgs {
     /// `x-request-timeout: SECONDS`. Past it: 504, and the work is cancelled.
     #[arg(long, env = "EMBER_REQUEST_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub request_timeout_secs: u64,
+
+    /// Most open client connections; past it a new connection gets 503 and is closed.
+    #[arg(long, env = "EMBER_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+
+    /// Requests per second allowed per API key (per client address on a server without keys);
+    /// 0 = no limit. Over it: 429 with `Retry-After`. The admin key is not limited.
+    #[arg(long, env = "EMBER_RATE_LIMIT_RPS", default_value_t = 0.0)]
+    pub rate_limit_rps: f64,
+
+    /// Requests a caller may send at once before the rate applies; 0 = one second's worth.
+    #[arg(long, env = "EMBER_RATE_LIMIT_BURST", default_value_t = 0)]
+    pub rate_limit_burst: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -130,7 +144,23 @@ impl ServeArgs {
             max_inputs: self.max_inputs as usize,
             truncate: self.truncate,
             request_timeout: Duration::from_secs(self.request_timeout_secs),
+            max_connections: self.max_connections as usize,
         }
+    }
+
+    pub fn rate_limiter(&self) -> Result<Option<RateLimiter>, String> {
+        let rps = self.rate_limit_rps;
+        if !rps.is_finite() || rps < 0.0 {
+            return Err(format!("--rate-limit-rps must be 0 or more, not {rps}"));
+        }
+        if rps == 0.0 {
+            return Ok(None);
+        }
+        let burst = match self.rate_limit_burst {
+            0 => rps.ceil() as u32,
+            b => b,
+        };
+        Ok(Some(RateLimiter::new(rps, burst)))
     }
 
     /// The keys of `--api-key` and `--api-key-file` together, and the admin key.

@@ -12,6 +12,7 @@ use ember::registry::{self, ModelRegistry};
 use ember::repository::ModelSpec;
 use ember::repository::RepositoryError;
 use ember::server::auth::AccessPolicy;
+use ember::server::rate_limit::RateLimiter;
 use ember::server::{self, AppState, Health};
 use tracing_subscriber::EnvFilter;
 
@@ -27,17 +28,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(argv);
     let args = cli.command.server().clone();
     init_logging(args.log_format);
-    let access = match args.access_policy() {
-        Ok(access) => access,
-        Err(e) => {
+    let (access, rate_limiter) = match (args.access_policy(), args.rate_limiter()) {
+        (Ok(access), Ok(limiter)) => (access, limiter),
+        (Err(e), _) | (_, Err(e)) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
     if access.is_open() {
-        tracing::warn!("{}", access.describe());
+        tracing::warn!(target: "ember::access", "{}", access.describe());
     } else {
-        tracing::info!("{}", access.describe());
+        tracing::info!(target: "ember::access", "{}", access.describe());
     }
     let specs = match models_to_load(&cli.command) {
         Ok(specs) => specs,
@@ -57,7 +58,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command, specs, access)) {
+    let guards = Guards {
+        access,
+        rate_limiter,
+    };
+    match runtime.block_on(run(cli.command, specs, guards)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -116,7 +121,13 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn run(command: Command, specs: Vec<ModelSpec>, access: AccessPolicy) -> anyhow::Result<()> {
+/// Who may call, and how often.
+struct Guards {
+    access: AccessPolicy,
+    rate_limiter: Option<RateLimiter>,
+}
+
+async fn run(command: Command, specs: Vec<ModelSpec>, guards: Guards) -> anyhow::Result<()> {
     let started = Instant::now();
     let args = command.server();
     let device = args.device.open()?;
@@ -130,8 +141,9 @@ async fn run(command: Command, specs: Vec<ModelSpec>, access: AccessPolicy) -> a
     tracing::info!(%addr, device = %args.device, models = specs.len(), "listening; loading models");
 
     let state = AppState {
-        access: Arc::new(access),
+        access: Arc::new(guards.access),
         limits: args.limits(),
+        rate_limiter: guards.rate_limiter.map(Arc::new),
         registry: Arc::new(ModelRegistry::default()),
         metrics: Arc::new(Metrics::new()),
         health: Arc::new(Health::default()),

@@ -202,3 +202,122 @@ async fn a_stream_past_its_deadline_ends_with_an_error_event_and_frees_its_seque
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_key_has_its_own_rate_and_the_excess_gets_429() {
+    let models = repository_with(&[(MODEL, "")]);
+    let keys = models.join("keys.txt");
+    std::fs::write(&keys, "key-a\nkey-b\n").unwrap();
+    let server = Server::start(
+        &models,
+        &[
+            "--api-key-file",
+            keys.to_str().unwrap(),
+            "--admin-key",
+            "admin",
+            "--rate-limit-rps",
+            "0.5",
+            "--rate-limit-burst",
+            "2",
+        ],
+    )
+    .await;
+    let send = |key: &'static str| {
+        server
+            .client
+            .post(server.url("/v1/embeddings"))
+            .bearer_auth(key)
+            .json(&json!({"model": MODEL, "input": "hi"}))
+            .send()
+    };
+    assert_eq!(send("key-a").await.unwrap().status(), 200);
+    assert_eq!(send("key-a").await.unwrap().status(), 200);
+    let r = send("key-a").await.unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(
+        send("key-b").await.unwrap().status(),
+        200,
+        "keys are separate"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            send("admin").await.unwrap().status(),
+            200,
+            "admin is exempt"
+        );
+    }
+    let (status, _) = server.get("/health/ready").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_keys_the_rate_applies_per_client_address() {
+    let models = repository_with(&[(MODEL, "")]);
+    let server = Server::start(
+        &models,
+        &["--rate-limit-rps", "0.2", "--rate-limit-burst", "1"],
+    )
+    .await;
+    let (status, _) = server
+        .post("/v1/embeddings", json!({"model": MODEL, "input": "hi"}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = server
+        .post(
+            &format!("/v2/models/{MODEL}/infer"),
+            json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["hi"]}]}),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("retry in"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_past_the_limit_gets_503_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let models = repository_with(&[(MODEL, "")]);
+    let server = Server::start(&models, &["--max-connections", "2"]).await;
+    let addr = server.base.trim_start_matches("http://").to_string();
+    // Idle connections take the slots (the test client's pooled one may hold one already);
+    // the first connection past the limit is answered at once.
+    let mut held = Vec::new();
+    let mut answer = String::new();
+    for _ in 0..3 {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        match tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                break;
+            }
+            _ => held.push(conn),
+        }
+    }
+    assert!(held.len() <= 2, "{} connections were let in", held.len());
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+
+    // A freed slot serves the next client.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut next = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    next.write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    next.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

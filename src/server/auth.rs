@@ -63,6 +63,17 @@ enum Scope {
     Admin,
 }
 
+/// Who passed the check, for the rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granted {
+    /// An open route (health, metrics) or the admin key: not rate-limited.
+    Exempt,
+    /// Inference on a server without API keys.
+    Anonymous,
+    /// Inference with the n-th API key.
+    Key(usize),
+}
+
 /// Which keys exist and which routes are open.
 pub struct AccessPolicy {
     api: Vec<KeyDigest>,
@@ -164,16 +175,14 @@ impl AccessPolicy {
     }
 
     /// Lets the request through or says why not (401 no or unknown key, 403 wrong scope).
-    pub fn check(&self, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub fn check(&self, path: &str, headers: &HeaderMap) -> Result<Granted, ApiError> {
         let scope = self.scope(path);
-        let needed = match scope {
-            Scope::Open => false,
+        match scope {
+            Scope::Open => return Ok(Granted::Exempt),
             // Inference is keyed once API keys exist; an admin key alone guards operator routes.
-            Scope::Inference => !self.api.is_empty(),
-            Scope::Admin => !self.is_open(),
-        };
-        if !needed {
-            return Ok(());
+            Scope::Inference if self.api.is_empty() => return Ok(Granted::Anonymous),
+            Scope::Admin if self.is_open() => return Ok(Granted::Exempt),
+            Scope::Inference | Scope::Admin => {}
         }
         let Some(token) = bearer(headers) else {
             return Err(unauthorized(
@@ -183,18 +192,26 @@ impl AccessPolicy {
         };
         let token = digest(token);
         let is_admin = self.admin.as_ref().is_some_and(|a| same(a, &token));
-        let is_api = self
-            .api
-            .iter()
-            .fold(false, |found, k| same(k, &token) | found);
-        match scope {
-            Scope::Admin if is_admin => Ok(()),
-            Scope::Admin if is_api => Err(ApiError::new(
+        // Every key is compared; the loop never stops at a match.
+        let api_key =
+            self.api.iter().enumerate().fold(
+                None,
+                |found, (i, k)| {
+                    if same(k, &token) {
+                        Some(i)
+                    } else {
+                        found
+                    }
+                },
+            );
+        match (scope, api_key) {
+            _ if is_admin => Ok(Granted::Exempt),
+            (Scope::Admin, Some(_)) => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "insufficient_scope",
                 "this key may call inference routes only; operator endpoints need the admin key",
             )),
-            Scope::Inference if is_api || is_admin => Ok(()),
+            (Scope::Inference, Some(i)) => Ok(Granted::Key(i)),
             _ => Err(unauthorized("invalid_api_key", "the API key is not valid")),
         }
     }
@@ -232,7 +249,7 @@ mod tests {
         AccessPolicy::new(&keys, Some(&"adm".parse().unwrap()), true, open_metrics)
     }
 
-    fn code(r: Result<(), ApiError>) -> Option<(u16, &'static str)> {
+    fn code(r: Result<Granted, ApiError>) -> Option<(u16, &'static str)> {
         r.err().map(|e| (e.status.as_u16(), e.code))
     }
 
@@ -240,6 +257,10 @@ mod tests {
     fn inference_takes_any_api_key_or_the_admin_key() {
         let p = keyed(true);
         let path = "/v1/embeddings";
+        assert_eq!(
+            p.check(path, &headers("Bearer k2")).unwrap(),
+            Granted::Key(1)
+        );
         assert_eq!(code(p.check(path, &headers("Bearer k1"))), None);
         assert_eq!(code(p.check(path, &headers("bearer k2"))), None);
         assert_eq!(code(p.check(path, &headers("Bearer adm"))), None);

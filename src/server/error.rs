@@ -74,10 +74,24 @@ impl ApiError {
         )
     }
 
-    /// `Retry-After` seconds: every 503 says when to come back.
+    pub fn rate_limited(wait: std::time::Duration) -> Self {
+        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many requests for this key; retry in {seconds} s"),
+        );
+        e.retry_after = Some(seconds);
+        e
+    }
+
+    /// `Retry-After` seconds: every 503 and 429 says when to come back.
     fn retry_after(&self) -> Option<u64> {
-        (self.status == StatusCode::SERVICE_UNAVAILABLE)
-            .then(|| self.retry_after.unwrap_or(RETRY_AFTER_SECONDS))
+        matches!(
+            self.status,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+        )
+        .then(|| self.retry_after.unwrap_or(RETRY_AFTER_SECONDS))
     }
 }
 

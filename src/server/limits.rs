@@ -29,6 +29,8 @@ pub struct Limits {
     /// The longest a request may take, streamed body included; past it, 504 and its work is
     /// cancelled.
     pub request_timeout: Duration,
+    /// Most open client connections; one more is answered 503 and closed.
+    pub max_connections: usize,
 }
 
 impl Limits {

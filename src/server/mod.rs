@@ -3,8 +3,10 @@
 
 pub mod auth;
 pub mod bounded_body;
+pub mod connections;
 pub mod error;
 pub mod limits;
+pub mod rate_limit;
 pub mod request_id;
 pub mod routes;
 
@@ -52,6 +54,8 @@ impl Health {
 pub struct AppState {
     pub access: Arc<auth::AccessPolicy>,
     pub limits: limits::Limits,
+    /// Per-key (or per-address) request rate; `None`: unlimited.
+    pub rate_limiter: Option<Arc<rate_limit::RateLimiter>>,
     pub registry: Arc<ModelRegistry>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
@@ -96,12 +100,31 @@ pub fn with_layers(app: Router, state: &AppState) -> Router {
     .layer(SetRequestIdLayer::new(id, request_id::NewRequestId))
 }
 
-/// Refuses a request without the key its route needs, before anything else looks at it.
+/// Refuses a request without the key its route needs, or over its caller's rate, before
+/// anything else looks at it.
 async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match state.access.check(req.uri().path(), req.headers()) {
-        Ok(()) => next.run(req).await,
-        Err(e) => error::for_path(req.uri().path(), e),
+    use rate_limit::Caller;
+    let path = req.uri().path();
+    let granted = match state.access.check(path, req.headers()) {
+        Ok(granted) => granted,
+        Err(e) => return error::for_path(path, e),
+    };
+    if let Some(limiter) = &state.rate_limiter {
+        let caller = match granted {
+            auth::Granted::Key(i) => Some(Caller::Key(i)),
+            auth::Granted::Anonymous => req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<connections::PeerAddr>>()
+                .map(|c| Caller::Address(c.0 .0.ip())),
+            auth::Granted::Exempt => None,
+        };
+        if let Some(caller) = caller {
+            if let Err(wait) = limiter.take(caller, std::time::Instant::now()) {
+                return error::for_path(path, error::ApiError::rate_limited(wait));
+            }
+        }
     }
+    next.run(req).await
 }
 
 /// During the drain, inference is refused at once; probes and metrics still answer.
@@ -183,6 +206,8 @@ pub async fn serve(
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
     });
+    let listener = connections::Limited::new(listener, state.limits.max_connections);
+    let app = app.into_make_service_with_connect_info::<connections::PeerAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = drained.wait_for(|d| *d).await;
     });

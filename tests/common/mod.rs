@@ -130,7 +130,8 @@ impl Server {
     pub async fn spawn(args: &[String]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
             .args(args)
-            .env("EMBER_LOG", "warn")
+            // Warnings help when a test fails; every test server is open on purpose.
+            .env("EMBER_LOG", "warn,ember::access=error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
