@@ -321,3 +321,61 @@ async fn a_connection_past_the_limit_gets_503_at_once() {
     next.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_past_the_queue_gets_one_answer_each_and_the_server_stays_up() {
+    let models = repository_with(&[(
+        MODEL,
+        "max_batch_size = 4\ninstances = 1\nmax_queue_delay_ms = 0\nqueue_capacity = 8",
+    )]);
+    let server = Server::start(&models, &["--compute-threads", "1"]).await;
+    let text = long_text();
+    let requests = (0..200).map(|i| {
+        let request = server
+            .client
+            .post(server.url("/v1/embeddings"))
+            .header("x-request-timeout", "20")
+            .json(&json!({"model": MODEL, "input": format!("{i} {text}")}));
+        async move {
+            let r = request
+                .send()
+                .await
+                .expect("an answer, not a dropped connection");
+            let status = r.status().as_u16();
+            let retry = r.headers().contains_key("retry-after");
+            let body: Value = r.json().await.expect("a JSON body");
+            (status, retry, body)
+        }
+    });
+    let answers =
+        tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(requests))
+            .await
+            .expect("no request hung");
+    let (mut ok, mut refused) = (0, 0);
+    for (status, retry, body) in &answers {
+        match status {
+            200 => {
+                ok += 1;
+                assert_eq!(body["data"].as_array().unwrap().len(), 1);
+            }
+            503 => {
+                refused += 1;
+                assert!(retry, "a 503 says when to retry");
+                assert_eq!(body["error"]["code"], "queue_full");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(ok + refused, 200);
+    assert!(ok >= 8 && refused > 0, "{ok} served, {refused} refused");
+    // Afterwards it serves and is ready.
+    let (status, _) = server
+        .post(
+            "/v1/embeddings",
+            json!({"model": MODEL, "input": "still alive"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = server.get("/health/ready").await;
+    assert_eq!(status, 200);
+}

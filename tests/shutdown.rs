@@ -1,5 +1,5 @@
 //! Graceful shutdown of the real binary: SIGTERM → readiness false and new inference refused →
-//! in-flight requests finish → exit 0.
+//! in-flight requests and streams finish → exit 0.
 
 mod common;
 
@@ -10,7 +10,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_in_flight_requests_then_exits_cleanly() {
-    let mut server = Server::start_default().await;
+    let server = Server::start_default().await;
     let long = "a long sentence that keeps the encoder busy for some time ".repeat(30);
     let body = json!({"model": MINILM, "input": vec![long.as_str(); 48]});
     let in_flight = tokio::spawn({
@@ -81,6 +81,10 @@ async fn sigterm_drains_in_flight_requests_then_exits_cleanly() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["data"].as_array().unwrap().len(), 48);
 
+    assert_exits_cleanly(server).await;
+}
+
+async fn assert_exits_cleanly(mut server: Server) {
     let status = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -97,4 +101,40 @@ async fn sigterm_drains_in_flight_requests_then_exits_cleanly() {
     .await
     .unwrap();
     assert!(status.success(), "ember exited with {status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_a_running_stream_finish() {
+    use futures::StreamExt;
+    let server = Server::start(&smollm_repository(""), &["--compute-threads", "2"]).await;
+    let r = server
+        .client
+        .post(server.url("/v1/chat/completions"))
+        .json(
+            &json!({"model": SMOLLM, "stream": true, "max_tokens": 60, "temperature": 0,
+                      "messages": [{"role": "user", "content": "Describe the sea."}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut text = String::new();
+    // Signal once generated text is flowing.
+    while !text.contains("\"content\":\"") || text.matches("data: ").count() < 3 {
+        let chunk = body.next().await.expect("more events").unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    server.terminate();
+    while let Some(chunk) = body.next().await {
+        text.push_str(std::str::from_utf8(&chunk.expect("the stream ends cleanly")).unwrap());
+    }
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(
+        text.contains("\"finish_reason\":\"length\"")
+            || text.contains("\"finish_reason\":\"stop\""),
+        "the stream finished normally: {text}"
+    );
+    assert!(!text.contains("\"error\""), "{text}");
+    assert_exits_cleanly(server).await;
 }
