@@ -6,31 +6,9 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-/// The interpreter with `openai` installed: EMBER_TEST_PYTHON, or the one scripts/test.sh makes.
-fn python() -> std::path::PathBuf {
-    let path = std::env::var_os("EMBER_TEST_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("EMBER_CACHE_DIR")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| {
-                    std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-                        .join(".cache/ember")
-                });
-            cache.join("test-venv/bin/python")
-        });
-    assert!(
-        path.is_file(),
-        "no Python with the openai client at {}: run scripts/setup_test_python.sh (scripts/test.sh \
-         does) or set EMBER_TEST_PYTHON",
-        path.display()
-    );
-    path
-}
-
 #[tokio::test]
 async fn the_openai_library_parses_our_responses_and_streams() {
-    let python = python();
+    let python = test_python();
     let dir = smollm_repository("");
     let server = Server::start(&dir, &[]).await;
     let base = server.base.clone();

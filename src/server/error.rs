@@ -4,7 +4,6 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use crate::batching::BatchError;
 use crate::registry::ModelError;
@@ -181,6 +180,31 @@ impl IntoResponse for OpenAiError {
     }
 }
 
+/// OpenAI's error shape.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct OpenAiErrorBody {
+    error: OpenAiErrorDetail,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct OpenAiErrorDetail {
+    message: String,
+    /// `invalid_request_error`, `authentication_error`, `permission_error`, `not_found_error`,
+    /// `rate_limit_error`, `overloaded_error` or `server_error`.
+    #[serde(rename = "type")]
+    kind: &'static str,
+    /// The request field at fault, if one is.
+    param: Option<String>,
+    /// A stable machine-readable code, e.g. `model_not_found`, `queue_full`.
+    code: &'static str,
+}
+
+/// KServe v2's error shape.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct KServeErrorBody {
+    error: String,
+}
+
 /// OpenAI's error body for `e`; also sent as the last event of a stream that fails.
 pub fn openai_body(e: &ApiError) -> serde_json::Value {
     let kind = match e.status.as_u16() {
@@ -193,14 +217,22 @@ pub fn openai_body(e: &ApiError) -> serde_json::Value {
         s if s >= 500 => "server_error",
         _ => "invalid_request_error",
     };
-    json!({"error": {
-        "message": e.message, "type": kind, "param": e.param, "code": e.code,
-    }})
+    let body = OpenAiErrorBody {
+        error: OpenAiErrorDetail {
+            message: e.message.clone(),
+            kind,
+            param: e.param.clone(),
+            code: e.code,
+        },
+    };
+    serde_json::to_value(body).expect("an error body serialises")
 }
 
 impl IntoResponse for KServeError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": self.0.message });
+        let body = KServeErrorBody {
+            error: self.0.message.clone(),
+        };
         finish(&self.0, Json(body).into_response())
     }
 }

@@ -6,6 +6,7 @@ pub mod bounded_body;
 pub mod connections;
 pub mod error;
 pub mod limits;
+pub mod openapi;
 pub mod rate_limit;
 pub mod request_id;
 pub mod routes;

@@ -66,6 +66,12 @@ pub fn repository_with(models: &[(&str, &str)]) -> PathBuf {
 /// table (TOML lines), pointing at the real GGUF.
 pub fn smollm_repository(generate_table: &str) -> PathBuf {
     let dir = temp_repository();
+    add_smollm(&dir, generate_table);
+    dir
+}
+
+/// Adds the demo generation model to a repository.
+pub fn add_smollm(dir: &Path, generate_table: &str) {
     let folder = dir.join(SMOLLM);
     std::fs::create_dir_all(&folder).unwrap();
     std::fs::write(
@@ -76,7 +82,29 @@ pub fn smollm_repository(generate_table: &str) -> PathBuf {
         ),
     )
     .unwrap();
-    dir
+}
+
+/// The Python that has the third-party test tools (`openai`, `schemathesis`):
+/// EMBER_TEST_PYTHON, or the venv scripts/setup_test_python.sh makes. Fails loudly when missing.
+pub fn test_python() -> PathBuf {
+    let path = std::env::var_os("EMBER_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("EMBER_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                        .join(".cache/ember")
+                });
+            cache.join("test-venv/bin/python")
+        });
+    assert!(
+        path.is_file(),
+        "no test Python at {}: run scripts/setup_test_python.sh (scripts/test.sh does) or set \
+         EMBER_TEST_PYTHON",
+        path.display()
+    );
+    path
 }
 
 /// A fresh folder name under the system's temp dir, unique within this test run.

@@ -23,6 +23,11 @@ use crate::registry::{GenerateParams, Generation, Prompt};
 use crate::server::error::{openai_body, parse_json, ApiError, OpenAiError};
 use crate::server::{request_id, AppState};
 
+/// The OpenAPI description of these routes.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(chat, completions))]
+pub struct Doc;
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/chat/completions", post(chat))
@@ -33,7 +38,7 @@ pub fn router() -> Router<AppState> {
 const MAX_STOPS: usize = 4;
 
 /// Sampling and length fields shared by both routes (and, by name, KServe's parameters).
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 pub(super) struct SamplingFields {
     max_tokens: Option<u64>,
     /// The newer OpenAI name for `max_tokens` on chat.
@@ -49,9 +54,11 @@ pub(super) struct SamplingFields {
     n: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct ChatRequest {
+    #[schema(example = "SmolLM2-135M-Instruct")]
     model: String,
+    /// `[{"role": "system"|"user"|"assistant", "content": "..."}]`
     messages: Value,
     #[serde(default)]
     stream: bool,
@@ -60,9 +67,11 @@ struct ChatRequest {
     sampling: SamplingFields,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct CompletionRequest {
+    #[schema(example = "SmolLM2-135M-Instruct")]
     model: String,
+    /// A string or an array of token ids (one prompt per request).
     prompt: Value,
     #[serde(default)]
     stream: bool,
@@ -71,7 +80,7 @@ struct CompletionRequest {
     sampling: SamplingFields,
 }
 
-#[derive(Deserialize, Default, Clone, Copy)]
+#[derive(Deserialize, Default, Clone, Copy, utoipa::ToSchema)]
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
@@ -338,6 +347,11 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
+/// Chat completion (OpenAI shape); `stream: true` answers with server-sent events.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI",
+    request_body = ChatRequest,
+    responses((status = 200, description = "A `chat.completion` object, or with `stream: true` \
+        `chat.completion.chunk` events ending in `data: [DONE]`", content((Object = "application/json"), (String = "text/event-stream")))))]
 async fn chat(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -356,6 +370,11 @@ async fn chat(
     .await
 }
 
+/// Text completion (OpenAI shape); `stream: true` answers with server-sent events.
+#[utoipa::path(post, path = "/v1/completions", tag = "OpenAI",
+    request_body = CompletionRequest,
+    responses((status = 200, description = "A `text_completion` object, or with `stream: true` \
+        its chunks as events ending in `data: [DONE]`", content((Object = "application/json"), (String = "text/event-stream")))))]
 async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -9,6 +9,11 @@ use serde_json::json;
 
 use crate::server::AppState;
 
+/// The OpenAPI description of these routes.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(live, ready, metrics))]
+pub struct Doc;
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v2/health/live", get(live))
@@ -18,10 +23,17 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(metrics))
 }
 
+/// Liveness: the process answers (also at `/health/live`).
+#[utoipa::path(get, path = "/v2/health/live", tag = "Health",
+    responses((status = 200, description = "Alive", body = Object, example = json!({"live": true}))))]
 async fn live() -> impl IntoResponse {
     Json(json!({ "live": true }))
 }
 
+/// Readiness: every model loaded and not draining (also at `/health/ready`).
+#[utoipa::path(get, path = "/v2/health/ready", tag = "Health",
+    responses((status = 200, description = "Ready", body = Object, example = json!({"ready": true})),
+              (status = 503, description = "Loading or draining", body = Object, example = json!({"ready": false}))))]
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let ready = state.health.is_ready();
     let status = if ready {
@@ -32,6 +44,9 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     (status, Json(json!({ "ready": ready })))
 }
 
+/// Prometheus metrics, text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "Health",
+    responses((status = 200, description = "Every metric", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(

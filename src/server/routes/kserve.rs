@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 #[cfg(feature = "generate")]
 use super::completions::{collect, SamplingFields};
@@ -38,29 +38,63 @@ pub fn model_router() -> Router<AppState> {
         .route("/v2/models/{name}/infer", post(infer))
 }
 
+/// The OpenAPI description of these routes.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(server_metadata, model_metadata, model_ready, infer))]
+pub struct Doc;
+
 pub fn server_router() -> Router<AppState> {
     Router::new().route("/v2", get(server_metadata))
 }
 
-async fn server_metadata() -> Json<Value> {
-    Json(json!({
-        "name": "ember",
-        "version": env!("CARGO_PKG_VERSION"),
-        "extensions": [],
-    }))
+#[derive(Serialize, utoipa::ToSchema)]
+struct ServerMetadata {
+    name: &'static str,
+    version: &'static str,
+    extensions: Vec<String>,
 }
 
-#[derive(Serialize)]
+/// KServe v2 server metadata.
+#[utoipa::path(get, path = "/v2", tag = "KServe v2",
+    responses((status = 200, description = "Server name and version", body = ServerMetadata)))]
+async fn server_metadata() -> Json<ServerMetadata> {
+    Json(ServerMetadata {
+        name: "ember",
+        version: env!("CARGO_PKG_VERSION"),
+        extensions: Vec::new(),
+    })
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+struct ModelMetadata {
+    name: String,
+    versions: Vec<&'static str>,
+    platform: &'static str,
+    inputs: Vec<TensorMetadata>,
+    outputs: Vec<TensorMetadata>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+struct ModelReady {
+    name: String,
+    ready: bool,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
 struct TensorMetadata {
     name: &'static str,
     datatype: &'static str,
     shape: Vec<i64>,
 }
 
+/// A model's inputs and outputs.
+#[utoipa::path(get, path = "/v2/models/{name}", tag = "KServe v2",
+    params(("name" = String, Path, description = "The model's name", example = "all-MiniLM-L6-v2")),
+    responses((status = 200, description = "The model's metadata", body = ModelMetadata)))]
 async fn model_metadata(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, KServeError> {
+) -> Result<Json<ModelMetadata>, KServeError> {
     let (inputs, outputs) = match lookup(&state, &name)? {
         LoadedModel::Embed(m) => (
             TensorMetadata {
@@ -88,24 +122,28 @@ async fn model_metadata(
             },
         ),
     };
-    Ok(Json(json!({
-        "name": name,
-        "versions": ["1"],
-        "platform": "ember_candle",
-        "inputs": [inputs],
-        "outputs": [outputs],
-    })))
+    Ok(Json(ModelMetadata {
+        name,
+        versions: vec!["1"],
+        platform: "ember_candle",
+        inputs: vec![inputs],
+        outputs: vec![outputs],
+    }))
 }
 
+/// Whether a model is loaded and serving.
+#[utoipa::path(get, path = "/v2/models/{name}/ready", tag = "KServe v2",
+    params(("name" = String, Path, description = "The model's name", example = "all-MiniLM-L6-v2")),
+    responses((status = 200, description = "The model is ready", body = ModelReady)))]
 async fn model_ready(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, KServeError> {
+) -> Result<Json<ModelReady>, KServeError> {
     lookup(&state, &name)?;
-    Ok(Json(json!({ "name": name, "ready": true })))
+    Ok(Json(ModelReady { name, ready: true }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct InferRequest {
     id: Option<String>,
     inputs: Vec<InferInput>,
@@ -114,7 +152,7 @@ struct InferRequest {
     parameters: Option<serde_json::Map<String, Value>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct InferInput {
     name: String,
     shape: Vec<i64>,
@@ -122,12 +160,12 @@ struct InferInput {
     data: Value,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct RequestedOutput {
     name: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct InferResponse {
     model_name: String,
     model_version: &'static str,
@@ -138,7 +176,7 @@ struct InferResponse {
     outputs: Vec<OutputTensor>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct OutputTensor {
     name: &'static str,
     datatype: &'static str,
@@ -146,7 +184,7 @@ struct OutputTensor {
     data: TensorData,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 enum TensorData {
     Fp32(Vec<f32>),
@@ -154,6 +192,12 @@ enum TensorData {
     Bytes(Vec<String>),
 }
 
+/// Inference: a BYTES tensor of texts for an embedding model (FP32 vectors back), one BYTES
+/// prompt `text_input` for a generation model (`text_output` back; sampling in `parameters`).
+#[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "KServe v2",
+    params(("name" = String, Path, description = "The model's name", example = "all-MiniLM-L6-v2")),
+    request_body = InferRequest,
+    responses((status = 200, description = "The output tensors", body = InferResponse)))]
 async fn infer(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -261,7 +305,7 @@ async fn infer_generate(
         model_name: name.to_string(),
         model_version: "1",
         id: req.id,
-        parameters: Some(json!({
+        parameters: Some(serde_json::json!({
             "finish_reason": whole.finish.as_str(),
             "prompt_tokens": whole.prompt_tokens,
             "completion_tokens": whole.completion_tokens,

@@ -1,9 +1,9 @@
 //! Routes by API: OpenAI-compatible (`/v1`), KServe v2 (`/v2`), health and metrics.
 
 #[cfg(feature = "generate")]
-mod completions;
-mod health;
-mod kserve;
+pub(crate) mod completions;
+pub(crate) mod health;
+pub(crate) mod kserve;
 pub(crate) mod openai;
 
 use axum::extract::Request;
@@ -36,7 +36,15 @@ pub fn server_routes() -> Router<AppState> {
     Router::new()
         .merge(kserve::server_router())
         .merge(health::router())
+        .route("/openapi.json", axum::routing::get(openapi_json))
         .fallback(not_found)
+}
+
+async fn openapi_json() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        super::openapi::json(),
+    )
 }
 
 async fn not_found(req: Request) -> Response {

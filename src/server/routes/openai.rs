@@ -22,9 +22,16 @@ pub fn models_router() -> Router<AppState> {
     Router::new().route("/v1/models", get(models))
 }
 
-#[derive(Deserialize)]
-struct EmbeddingsRequest {
+/// The OpenAPI description of these routes.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(embeddings, models))]
+pub struct Doc;
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct EmbeddingsRequest {
+    #[schema(example = "all-MiniLM-L6-v2")]
     model: String,
+    /// A string, an array of strings, an array of token ids, or an array of arrays of ids.
     input: Value,
     #[serde(default)]
     encoding_format: EncodingFormat,
@@ -37,7 +44,7 @@ struct EmbeddingsRequest {
     _user: Option<String>,
 }
 
-#[derive(Deserialize, Default, Clone, Copy, PartialEq)]
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 enum EncodingFormat {
     #[default]
@@ -45,29 +52,33 @@ enum EncodingFormat {
     Base64,
 }
 
-#[derive(Serialize)]
-struct EmbeddingsResponse {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct EmbeddingsResponse {
     object: &'static str,
     data: Vec<EmbeddingObject>,
     model: String,
     usage: Usage,
 }
 
-#[derive(Serialize)]
-struct EmbeddingObject {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct EmbeddingObject {
     object: &'static str,
     index: usize,
     embedding: Value,
 }
 
-#[derive(Serialize)]
-struct Usage {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Usage {
     prompt_tokens: usize,
     total_tokens: usize,
     /// How many inputs were cut at the model's `max_seq_length` (an Ember extension).
     truncated_inputs: usize,
 }
 
+/// Sentence embeddings (OpenAI shape).
+#[utoipa::path(post, path = "/v1/embeddings", tag = "OpenAI",
+    request_body = EmbeddingsRequest,
+    responses((status = 200, description = "One vector per input, in input order", body = EmbeddingsResponse)))]
 async fn embeddings(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -207,13 +218,13 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-#[derive(Serialize)]
-struct ModelList {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ModelList {
     object: &'static str,
     data: Vec<ModelObject>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ModelObject {
     id: String,
     object: &'static str,
@@ -224,6 +235,9 @@ pub struct ModelObject {
     tier: &'static str,
 }
 
+/// The models served here (at the edge: also the upstream's, each marked with `served_by`).
+#[utoipa::path(get, path = "/v1/models", tag = "OpenAI",
+    responses((status = 200, description = "The model list", body = ModelList)))]
 async fn models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
