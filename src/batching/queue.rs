@@ -232,4 +232,41 @@ mod tests {
         assert!(!q.is_full());
         assert_eq!(items(&q.take_batch()), vec![2]);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Every input leaves exactly once, the oldest always goes in the next batch (no
+            /// starvation), and no batch passes its size, or its token budget unless alone.
+            #[test]
+            fn every_input_leaves_once_in_bounded_batches(
+                lengths in prop::collection::vec(1usize..600, 1..80),
+                size in 1usize..33,
+                budget in 64usize..4096,
+            ) {
+                let mut q = BatchQueue::new(policy(size, budget, 0));
+                let now = Instant::now();
+                for (id, &tokens) in lengths.iter().enumerate() {
+                    q.push(id, tokens, now);
+                }
+                let mut seen = vec![0u32; lengths.len()];
+                while !q.is_empty() {
+                    let oldest = q.pending.front().unwrap().item;
+                    let batch = q.take_batch();
+                    prop_assert!(!batch.is_empty() && batch.len() <= size);
+                    prop_assert_eq!(batch[0].item, oldest);
+                    let longest = batch.iter().map(|p| p.tokens).max().unwrap();
+                    prop_assert!(batch.len() == 1 || longest * batch.len() <= budget);
+                    for p in &batch {
+                        seen[p.item] += 1;
+                    }
+                }
+                prop_assert!(seen.iter().all(|&n| n == 1));
+                prop_assert_eq!(q.pending_tokens, 0);
+            }
+        }
+    }
 }

@@ -473,4 +473,60 @@ mod tests {
         // The compute thread survived the panic.
         assert_eq!(answers(b.submit(vec![(4, 10)]).unwrap()).await, ok(&[8]));
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+
+            /// Requests sent together: each gets exactly one answer per input, its own (results
+            /// never cross), and every input is computed once.
+            #[test]
+            fn every_input_gets_its_own_answer_once(
+                requests in prop::collection::vec(
+                    prop::collection::vec(0u32..1000, 1..12), 1..24),
+                size in 1usize..9,
+            ) {
+                let requests: Vec<Vec<u32>> = requests
+                    .into_iter()
+                    .map(|r| r.into_iter().filter(|x| *x != 13 && *x != 666).collect::<Vec<_>>())
+                    .filter(|r| !r.is_empty())
+                    .collect();
+                let total: usize = requests.iter().map(Vec::len).sum();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .unwrap();
+                let (answers, computed) = runtime.block_on(async {
+                    let (b, seen, _) = batcher(size, 1 << 20, 0, 4096, false);
+                    let pending: Vec<_> = requests
+                        .iter()
+                        .map(|r| b.submit(r.iter().map(|&x| (x, 1)).collect()).unwrap())
+                        .collect();
+                    let mut answers = Vec::new();
+                    for replies in pending {
+                        answers.push(answers_of(replies).await);
+                    }
+                    let computed: usize = seen.lock().unwrap().iter().map(Vec::len).sum();
+                    (answers, computed)
+                });
+                for (request, answer) in requests.iter().zip(&answers) {
+                    let want: Vec<u32> = request.iter().map(|x| x * 2).collect();
+                    prop_assert_eq!(answer, &want);
+                }
+                prop_assert_eq!(computed, total);
+            }
+        }
+
+        async fn answers_of(replies: Vec<Reply<u32>>) -> Vec<u32> {
+            answers(replies)
+                .await
+                .into_iter()
+                .map(|r| r.expect("no engine error"))
+                .collect()
+        }
+    }
 }

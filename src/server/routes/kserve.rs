@@ -376,3 +376,52 @@ fn flatten_strings(data: &Value, out: &mut Vec<String>) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn tensor(shape: Vec<i64>, data: Value) -> Vec<InferInput> {
+        vec![InferInput {
+            name: TEXT_INPUT.into(),
+            shape,
+            datatype: "BYTES".into(),
+            data,
+        }]
+    }
+
+    proptest! {
+        /// A BYTES tensor decodes to its texts in row-major order, flat or nested, as [n] or
+        /// [n, 1]; a shape that does not match the data is refused.
+        #[test]
+        fn bytes_tensors_decode_in_row_major_order(
+            texts in prop::collection::vec(".*", 1..16),
+            nested in any::<bool>(),
+            column in any::<bool>(),
+            wrong_by in 1i64..3,
+        ) {
+            let n = texts.len() as i64;
+            let data = if nested {
+                Value::from(texts.iter().map(|t| vec![t.clone()]).collect::<Vec<_>>())
+            } else {
+                Value::from(texts.clone())
+            };
+            let shape = if column { vec![n, 1] } else { vec![n] };
+            prop_assert_eq!(texts_from(&tensor(shape, data.clone()), TEXT_INPUT).unwrap(), texts);
+            let err = texts_from(&tensor(vec![n + wrong_by], data), TEXT_INPUT).unwrap_err();
+            prop_assert!(err.message.contains("declares"), "{}", err.message);
+        }
+
+        /// Non-string data is a 400 naming the input, whatever it is.
+        #[test]
+        fn non_string_data_is_refused(x in any::<i64>(), b in any::<bool>()) {
+            for data in [Value::from(vec![Value::from(x)]), Value::from(vec![Value::from(b)])] {
+                let err = texts_from(&tensor(vec![1], data), TEXT_INPUT).unwrap_err();
+                prop_assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST);
+                prop_assert!(err.message.contains("\"text\""), "{}", err.message);
+            }
+        }
+    }
+}

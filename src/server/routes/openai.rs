@@ -302,4 +302,58 @@ mod tests {
         assert!(msg(json!({"text": "a"})).contains("`input` is an object"));
         assert!(msg(json!([1.5])).contains("input[0] is 1.5"));
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Any JSON value, a few levels deep.
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                ".{0,8}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                    prop::collection::hash_map(".{0,4}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            /// Whatever JSON comes as `input`, parsing answers (never panics), and a bad one is a
+            /// client error naming `input`.
+            #[test]
+            fn any_input_is_parsed_or_refused_cleanly(v in json_value()) {
+                if let Err(e) = parse_input(v) {
+                    prop_assert!(e.status.is_client_error());
+                    prop_assert!(e.param.as_deref().unwrap_or("").starts_with("input"));
+                }
+            }
+
+            /// Arrays of strings come back as the same texts in the same order.
+            #[test]
+            fn string_arrays_keep_their_texts(texts in prop::collection::vec(".*", 1..20)) {
+                let parsed = parse_input(Value::from(texts.clone())).unwrap();
+                let want: Vec<EmbedInput> = texts.into_iter().map(EmbedInput::Text).collect();
+                prop_assert_eq!(parsed, want);
+            }
+
+            /// Arrays of token-id arrays come back as the same ids.
+            #[test]
+            fn token_arrays_keep_their_ids(
+                ids in prop::collection::vec(prop::collection::vec(any::<u32>(), 1..10), 1..6)
+            ) {
+                let parsed = parse_input(serde_json::to_value(&ids).unwrap()).unwrap();
+                let want: Vec<EmbedInput> = ids.into_iter().map(EmbedInput::Tokens).collect();
+                prop_assert_eq!(parsed, want);
+            }
+        }
+    }
 }
