@@ -290,19 +290,26 @@ async fn a_connection_past_the_limit_gets_503_at_once() {
     let models = repository_with(&[(MODEL, "")]);
     let server = Server::start(&models, &["--max-connections", "2"]).await;
     let addr = server.base.trim_start_matches("http://").to_string();
-    // Idle connections take the slots (the test client's pooled one may hold one already);
-    // the first connection past the limit is answered at once.
+    // Open keep-alive connections take the slots (the test client's pooled one may hold one
+    // already); the first connection past the limit gets its request answered with a 503.
     let mut held = Vec::new();
     let mut answer = String::new();
     for _ in 0..3 {
         let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = vec![0u8; 1024];
-        match tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => {
-                answer = String::from_utf8_lossy(&buf[..n]).into_owned();
-                break;
-            }
-            _ => held.push(conn),
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("answered at once")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if text.starts_with("HTTP/1.1 200") {
+            held.push(conn);
+        } else {
+            answer = text;
+            break;
         }
     }
     assert!(held.len() <= 2, "{} connections were let in", held.len());

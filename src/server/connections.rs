@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The client's address, for handlers and middleware (`ConnectInfo<PeerAddr>`).
@@ -58,9 +58,29 @@ where
     }
 }
 
-/// A minimal HTTP/1.1 503 for a connection over the limit (its request is never read, so the
-/// error takes the OpenAI shape, the API most clients speak).
-async fn refuse<Io: AsyncWrite + Unpin>(mut io: Io, max: usize) {
+/// A minimal HTTP/1.1 503 for a connection over the limit, sent once the request's head has
+/// arrived (an answer before the request confuses HTTP clients that pool connections). The
+/// request is never parsed, so the error takes the OpenAI shape, the API most clients speak.
+/// The close lingers: closing with the request's body unread would send a reset, and the client
+/// might never see the answer.
+async fn refuse<Io: AsyncRead + AsyncWrite + Unpin>(mut io: Io, max: usize) {
+    let mut head = Vec::with_capacity(1024);
+    let read_head = async {
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    };
+    if !matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(5), read_head).await,
+        Ok(true)
+    ) {
+        return;
+    }
     let body = format!(
         "{{\"error\":{{\"message\":\"the server has {max} open connections, its limit; retry \
          later\",\"type\":\"overloaded_error\",\"param\":null,\"code\":\"too_many_connections\"}}}}"
@@ -72,6 +92,17 @@ async fn refuse<Io: AsyncWrite + Unpin>(mut io: Io, max: usize) {
     );
     let _ = io.write_all(response.as_bytes()).await;
     let _ = io.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = 1 << 20;
+        while left > 0 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
 }
 
 /// A connection holding its slot until it closes.

@@ -1,0 +1,70 @@
+//! What the load tools share: texts of an exact token count, percentiles, the loopback guard.
+
+use anyhow::{bail, Context};
+
+const WORDS: &str = "server model request batch queue edge cloud token vector network small large \
+    fast slow data image text reply answer gateway cluster memory thread engine worker client \
+    again unless because while after before under over into from with about the a an of to and";
+
+/// Deterministic texts of exactly `tokens` tokens.
+pub fn texts(
+    tokenizer: &tokenizers::Tokenizer,
+    tokens: usize,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    let words: Vec<&str> = WORDS.split_whitespace().collect();
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state as usize
+    };
+    let mut out = Vec::with_capacity(count);
+    let mut attempts = 0;
+    while out.len() < count {
+        attempts += 1;
+        if attempts > count * 100 {
+            bail!("cannot make texts of exactly {tokens} tokens");
+        }
+        let mut text = String::new();
+        loop {
+            let n = tokenizer
+                .encode(text.as_str(), true)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .len();
+            if n >= tokens {
+                if n == tokens {
+                    out.push(text);
+                }
+                break;
+            }
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            text.push_str(words[next() % words.len()]);
+        }
+    }
+    Ok(out)
+}
+
+/// The `p` quantile of sorted values (NaN when there are none).
+pub fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        f64::NAN
+    } else {
+        sorted[((p * sorted.len() as f64) as usize).min(sorted.len() - 1)]
+    }
+}
+
+pub fn check_loopback(url: &str) -> anyhow::Result<()> {
+    let host = reqwest::Url::parse(url)
+        .with_context(|| format!("{url:?}"))?
+        .host_str()
+        .unwrap_or("")
+        .to_string();
+    if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]" | "::1") {
+        bail!("ember-loadtest only targets loopback addresses, not {host}");
+    }
+    Ok(())
+}
