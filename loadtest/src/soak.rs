@@ -141,7 +141,7 @@ async fn embed(client: &reqwest::Client, url: &str, model: &str, text: &str) -> 
             // The first few, so a lost request can be told apart from a client-side limit.
             static SHOWN: AtomicUsize = AtomicUsize::new(0);
             if SHOWN.fetch_add(1, Ordering::Relaxed) < 3 {
-                eprintln!("lost embeddings request: {e}");
+                eprintln!("lost embeddings request: {e:?}");
             }
             Outcome::Lost
         }
@@ -338,6 +338,10 @@ async fn main() -> anyhow::Result<()> {
                 let drop_early = (i as f64 * 0.618_034).fract() < args.disconnect_share;
                 let o = chat(&client, &args, i, drop_early).await;
                 record.add(o, None);
+                // A well-behaved client waits as Retry-After says (Ember sends 1 s).
+                if matches!(o, Outcome::Busy503 | Outcome::RateLimited429) {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 i += args.chat_clients;
             }
         }));

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
@@ -17,10 +18,21 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// How long a refused connection may take to send its request head: hyper's own header read
+/// timeout. A client starved of CPU may need seconds; closing earlier would lose its answer.
+const REFUSAL_HEAD_WAIT: Duration = Duration::from_secs(30);
+/// Refusals in progress at once; past that a connection is closed unanswered, so refusing
+/// cannot itself use unbounded file descriptors.
+const MAX_REFUSALS: usize = 256;
+/// At most one warning per this long while the limit holds.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 pub struct Limited<L> {
     inner: L,
     slots: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
     max: usize,
+    warned: Option<Instant>,
 }
 
 impl<L> Limited<L> {
@@ -28,7 +40,9 @@ impl<L> Limited<L> {
         Self {
             inner,
             slots: Arc::new(Semaphore::new(max)),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
             max,
+            warned: None,
         }
     }
 }
@@ -46,8 +60,17 @@ where
             match self.slots.clone().try_acquire_owned() {
                 Ok(slot) => return (Guarded { io, _slot: slot }, addr),
                 Err(_) => {
-                    tracing::warn!(max = self.max, %addr, "connection limit reached; refusing");
-                    tokio::spawn(refuse(io, self.max));
+                    if self.warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                        tracing::warn!(max = self.max, "connection limit reached; refusing");
+                        self.warned = Some(Instant::now());
+                    }
+                    if let Ok(permit) = self.refusals.clone().try_acquire_owned() {
+                        let max = self.max;
+                        tokio::spawn(async move {
+                            refuse(io, max).await;
+                            drop(permit);
+                        });
+                    }
                 }
             }
         }
@@ -76,7 +99,7 @@ async fn refuse<Io: AsyncRead + AsyncWrite + Unpin>(mut io: Io, max: usize) {
         true
     };
     if !matches!(
-        tokio::time::timeout(std::time::Duration::from_secs(5), read_head).await,
+        tokio::time::timeout(REFUSAL_HEAD_WAIT, read_head).await,
         Ok(true)
     ) {
         return;
@@ -102,7 +125,7 @@ async fn refuse<Io: AsyncRead + AsyncWrite + Unpin>(mut io: Io, max: usize) {
             }
         }
     };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
 }
 
 /// A connection holding its slot until it closes.
