@@ -47,19 +47,11 @@ async fn call(
     (status, headers, r.text().await.unwrap())
 }
 
-fn batches(metrics: &str) -> f64 {
-    metric(
-        metrics,
-        &format!("ember_batch_size_items_count{{model=\"{MODEL}\"}}"),
-    )
-    .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn inference_needs_a_valid_key_and_refusals_compute_nothing() {
     let server = keyed_server(&[]).await;
     let post = reqwest::Method::POST;
-    let before = batches(&server.metrics().await);
+    let before = batches(MODEL, &server.metrics().await);
 
     // Missing and wrong keys: 401 in each API's shape, with a Bearer challenge.
     let (status, headers, body) = call(&server, post.clone(), "/v1/embeddings", None).await;
@@ -83,7 +75,7 @@ async fn inference_needs_a_valid_key_and_refusals_compute_nothing() {
     let (status, _, _) = call(&server, reqwest::Method::GET, "/v1/models", None).await;
     assert_eq!(status, 401, "listing models needs a key too");
     assert_eq!(
-        batches(&server.metrics().await),
+        batches(MODEL, &server.metrics().await),
         before,
         "a refused request reached the model"
     );
@@ -93,7 +85,7 @@ async fn inference_needs_a_valid_key_and_refusals_compute_nothing() {
         let (status, _, body) = call(&server, post.clone(), "/v1/embeddings", Some(key)).await;
         assert_eq!(status, 200, "{key}: {body}");
     }
-    assert_eq!(batches(&server.metrics().await), before + 4.0);
+    assert_eq!(batches(MODEL, &server.metrics().await), before + 4.0);
     // Probes and metrics stay open by default.
     let (status, _, _) = call(&server, reqwest::Method::GET, "/health/ready", None).await;
     assert_eq!(status, 200);

@@ -15,19 +15,11 @@ fn long_text() -> String {
     "Every queue is bounded and every request has a deadline. ".repeat(40)
 }
 
-fn batches(metrics: &str) -> f64 {
-    metric(
-        metrics,
-        &format!("ember_batch_size_items_count{{model=\"{MODEL}\"}}"),
-    )
-    .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_bodies_and_too_many_inputs_get_413_before_any_compute() {
     let models = repository_with(&[(MODEL, "")]);
     let server = Server::start(&models, &["--max-body-bytes", "4096", "--max-inputs", "3"]).await;
-    let before = batches(&server.metrics().await);
+    let before = batches(MODEL, &server.metrics().await);
 
     let big = "x".repeat(5000);
     let (status, body) = server
@@ -66,7 +58,7 @@ async fn oversized_bodies_and_too_many_inputs_get_413_before_any_compute() {
         )
         .await;
     assert_eq!(status, 200);
-    let after = batches(&server.metrics().await);
+    let after = batches(MODEL, &server.metrics().await);
     assert!(
         after > before && after <= before + 3.0,
         "only the accepted request was computed ({before} → {after})"
@@ -154,7 +146,7 @@ async fn a_request_past_its_deadline_gets_504_and_its_queued_work_is_dropped() {
         let m = server.metrics().await;
         let dropped = metric(&m, &cancelled).unwrap_or(0.0);
         if dropped > 0.0 {
-            assert!(batches(&m) + dropped <= 64.0);
+            assert!(batches(MODEL, &m) + dropped <= 64.0);
             break;
         }
         assert!(Instant::now() < deadline, "no queued input was dropped");

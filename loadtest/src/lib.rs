@@ -68,3 +68,14 @@ pub fn check_loopback(url: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A tokenizer.json without its padding and truncation, to count a text's real tokens.
+pub fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Tokenizer> {
+    let mut tokenizer = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(tokenizer)
+}

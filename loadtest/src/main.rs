@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use ember_loadtest::{check_loopback, quantile, texts};
+use ember_loadtest::{check_loopback, load_tokenizer, quantile, texts};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -198,12 +198,7 @@ async fn main() -> anyhow::Result<()> {
     if args.compare.is_empty() {
         check_loopback(&args.url)?;
     }
-    let mut tokenizer = tokenizers::Tokenizer::from_file(&args.tokenizer)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.tokenizer.display()))?;
-    tokenizer.with_padding(None);
-    tokenizer
-        .with_truncation(None)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tokenizer = load_tokenizer(&args.tokenizer)?;
     let texts = Arc::new(texts(&tokenizer, args.tokens, 512)?);
     if !args.compare.is_empty() {
         return compare(&args, &texts).await;

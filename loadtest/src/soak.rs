@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use ember_loadtest::{check_loopback, quantile, texts};
+use ember_loadtest::{check_loopback, load_tokenizer, quantile, texts};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -239,12 +239,7 @@ async fn bad(client: &reqwest::Client, args: &Args, i: usize) -> Outcome {
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
     check_loopback(&args.url)?;
-    let mut tokenizer = tokenizers::Tokenizer::from_file(&args.tokenizer)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.tokenizer.display()))?;
-    tokenizer.with_padding(None);
-    tokenizer
-        .with_truncation(None)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tokenizer = load_tokenizer(&args.tokenizer)?;
     let mut pool = texts(&tokenizer, 12, 256)?;
     pool.extend(texts(&tokenizer, 60, 256)?);
     let pool = Arc::new(pool);

@@ -124,7 +124,7 @@ impl Upstream {
 
     /// The circuit is not open: requests may go (a half-open circuit lets its trial through).
     pub fn is_available(&self) -> bool {
-        self.breaker.state(Instant::now().into_std()) != CircuitState::Open
+        self.breaker.state(std::time::Instant::now()) != CircuitState::Open
     }
 
     /// The error for a request refused because the circuit is open; counts the refusal.
@@ -133,7 +133,7 @@ impl Upstream {
             .upstream_errors_total
             .with_label_values(&["circuit_open"])
             .inc();
-        let remaining = self.breaker.remaining_open(Instant::now().into_std());
+        let remaining = self.breaker.remaining_open(std::time::Instant::now());
         UpstreamError::Unavailable {
             retry_after: remaining,
         }
@@ -161,7 +161,7 @@ impl Upstream {
         let deadline = started + self.config.total_timeout;
         let mut attempt = 0;
         loop {
-            match self.breaker.admit(Instant::now().into_std()) {
+            match self.breaker.admit(std::time::Instant::now()) {
                 Admission::Refused { retry_after } => {
                     self.metrics
                         .upstream_errors_total
@@ -307,12 +307,12 @@ impl Upstream {
             .upstream_errors_total
             .with_label_values(&[kind])
             .inc();
-        self.breaker.on_failure(Instant::now().into_std());
+        self.breaker.on_failure(std::time::Instant::now());
         self.publish_state();
     }
 
     fn publish_state(&self) {
-        let state = self.breaker.state(Instant::now().into_std());
+        let state = self.breaker.state(std::time::Instant::now());
         self.metrics.circuit_state.set(state.gauge());
     }
 
@@ -325,7 +325,7 @@ impl Upstream {
             ticks.tick().await;
             let ready = self.probe(interval).await;
             self.metrics.upstream_up.set(i64::from(ready));
-            self.breaker.on_probe(ready, Instant::now().into_std());
+            self.breaker.on_probe(ready, std::time::Instant::now());
             self.publish_state();
             if was_ready != Some(ready) {
                 if ready {

@@ -21,8 +21,9 @@ pub struct PeerAddr(pub SocketAddr);
 /// How long a refused connection may take to send its request head: hyper's own header read
 /// timeout. A client starved of CPU may need seconds; closing earlier would lose its answer.
 const REFUSAL_HEAD_WAIT: Duration = Duration::from_secs(30);
-/// Refusals in progress at once; past that a connection is closed unanswered, so refusing
-/// cannot itself use unbounded file descriptors.
+/// Refusals in progress at once. Past that the listener stops accepting, and new connections
+/// wait in the kernel's backlog (as nginx does at its connection limit): refusing cannot use
+/// unbounded file descriptors, and no connection is ever closed unanswered.
 const MAX_REFUSALS: usize = 256;
 /// At most one warning per this long while the limit holds.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -56,29 +57,43 @@ where
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
+            // At the limit, hold a refusal permit before accepting, so an accepted connection
+            // can always be answered.
+            let mut refusal = if self.slots.available_permits() == 0 {
+                Some(permit(self.refusals.clone()).await)
+            } else {
+                None
+            };
             let (io, addr) = self.inner.accept().await;
-            match self.slots.clone().try_acquire_owned() {
-                Ok(slot) => return (Guarded { io, _slot: slot }, addr),
-                Err(_) => {
-                    if self.warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-                        tracing::warn!(max = self.max, "connection limit reached; refusing");
-                        self.warned = Some(Instant::now());
-                    }
-                    if let Ok(permit) = self.refusals.clone().try_acquire_owned() {
-                        let max = self.max;
-                        tokio::spawn(async move {
-                            refuse(io, max).await;
-                            drop(permit);
-                        });
-                    }
-                }
+            if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+                return (Guarded { io, _slot: slot }, addr);
             }
+            if self.warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                tracing::warn!(max = self.max, "connection limit reached; refusing");
+                self.warned = Some(Instant::now());
+            }
+            let held = match refusal.take() {
+                Some(held) => held,
+                None => permit(self.refusals.clone()).await,
+            };
+            let max = self.max;
+            tokio::spawn(async move {
+                refuse(io, max).await;
+                drop(held);
+            });
         }
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.inner.local_addr()
     }
+}
+
+async fn permit(semaphore: Arc<Semaphore>) -> OwnedSemaphorePermit {
+    semaphore
+        .acquire_owned()
+        .await
+        .expect("the refusal semaphore is never closed")
 }
 
 /// A minimal HTTP/1.1 503 for a connection over the limit, sent once the request's head has

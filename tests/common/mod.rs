@@ -297,6 +297,15 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
 }
 
+/// Batches a model has computed so far, from a metrics scrape.
+pub fn batches(model: &str, metrics: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("ember_batch_size_items_count{{model=\"{model}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
