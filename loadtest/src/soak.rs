@@ -75,6 +75,10 @@ enum Outcome {
     Lost,
     /// Not sent: this tool's own in-flight bound was full.
     NotSent,
+    /// An oversized body the server refused before reading it all: HTTP/1.1 servers that stop
+    /// reading at their limit (hyper does) close the connection, so a client still writing sees
+    /// a broken pipe instead of the 413. The server is protecting itself, not losing a request.
+    OversizeCut,
 }
 
 #[derive(Default)]
@@ -113,6 +117,15 @@ fn classify(status: u16) -> Outcome {
     }
 }
 
+/// Prints the first few lost requests of each kind, so a loss can be told apart from a
+/// client-side limit.
+fn report_lost(kind: &str, error: &dyn std::fmt::Debug) {
+    static SHOWN: AtomicUsize = AtomicUsize::new(0);
+    if SHOWN.fetch_add(1, Ordering::Relaxed) < 6 {
+        eprintln!("lost {kind} request: {error:?}");
+    }
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -138,11 +151,7 @@ async fn embed(client: &reqwest::Client, url: &str, model: &str, text: &str) -> 
             }
         }
         Err(e) => {
-            // The first few, so a lost request can be told apart from a client-side limit.
-            static SHOWN: AtomicUsize = AtomicUsize::new(0);
-            if SHOWN.fetch_add(1, Ordering::Relaxed) < 3 {
-                eprintln!("lost embeddings request: {e:?}");
-            }
+            report_lost("embeddings", &e);
             Outcome::Lost
         }
     };
@@ -160,7 +169,10 @@ async fn chat(client: &reqwest::Client, args: &Args, i: usize, drop_early: bool)
         .await;
     let r = match r {
         Ok(r) => r,
-        Err(_) => return Outcome::Lost,
+        Err(e) => {
+            report_lost("chat", &e);
+            return Outcome::Lost;
+        }
     };
     let status = r.status().as_u16();
     if status != 200 {
@@ -173,8 +185,12 @@ async fn chat(client: &reqwest::Client, args: &Args, i: usize, drop_early: bool)
     let mut events = 0;
     let mut text = String::new();
     while let Some(chunk) = stream.next().await {
-        let Ok(chunk) = chunk else {
-            return Outcome::Lost;
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                report_lost("chat stream", &e);
+                return Outcome::Lost;
+            }
         };
         text.push_str(&String::from_utf8_lossy(&chunk));
         events += chunk.iter().filter(|&&b| b == b'\n').count() / 2;
@@ -231,7 +247,11 @@ async fn bad(client: &reqwest::Client, args: &Args, i: usize) -> Outcome {
                 other => other,
             }
         }
-        Err(_) => Outcome::Lost,
+        Err(_) if i % 6 == 4 => Outcome::OversizeCut,
+        Err(e) => {
+            report_lost(&format!("bad #{}", i % 6), &e);
+            Outcome::Lost
+        }
     }
 }
 
@@ -403,7 +423,7 @@ async fn main() -> anyhow::Result<()> {
         let mut ms = minute.embed_ok_ms.clone();
         ms.sort_by(f64::total_cmp);
         println!(
-            "{:>6} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>6} {:>8} {:>11.1} {:>9}",
+            "{:>6} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>6} {:>6} {:>8} {:>11.1} {:>9}",
             m + 1,
             n(Outcome::Ok),
             n(Outcome::Refused4xx),
@@ -413,6 +433,7 @@ async fn main() -> anyhow::Result<()> {
             n(Outcome::ServerError),
             n(Outcome::BadAccepted),
             n(Outcome::Disconnected),
+            n(Outcome::OversizeCut),
             n(Outcome::Lost),
             n(Outcome::NotSent),
             quantile(&ms, 0.99),
