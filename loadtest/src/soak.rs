@@ -400,7 +400,7 @@ async fn main() -> anyhow::Result<()> {
     let minutes = record.minutes.lock().unwrap();
     let rss = rss.lock().unwrap();
     println!(
-        "{:>6} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>6} {:>11} {:>9}",
+        "{:>6} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>6} {:>6} {:>8} {:>11} {:>9}",
         "minute",
         "ok",
         "4xx",
@@ -410,7 +410,9 @@ async fn main() -> anyhow::Result<()> {
         "5xx",
         "bad-ok",
         "dropped",
+        "cut",
         "lost",
+        "not-sent",
         "p99 ok ms",
         "RSS MiB"
     );
