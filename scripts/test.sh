@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs Ember's whole test suite on a fresh machine (CI runs exactly this).
 # Needs: the Rust toolchain with rustfmt and clippy, python3 with pip and venv (to fetch the demo
-# models and to install the openai client the client test drives).
+# models, and to install the openai client and schemathesis that two of the tests drive).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -16,7 +16,7 @@ done
 echo "== fetching the demo models (idempotent)"
 models/fetch.sh
 
-echo "== a Python with the openai client, for tests/openai_client.rs (idempotent)"
+echo "== a Python with the openai client and schemathesis, for tests/openai_client.rs and tests/openapi.rs (idempotent)"
 EMBER_TEST_PYTHON="$(scripts/setup_test_python.sh)"
 export EMBER_TEST_PYTHON
 
