@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
@@ -16,7 +17,7 @@ use tower::ServiceExt;
 
 use super::placement::{self, Facts, Placement, Reason, SpillPolicy};
 use super::upstream::{Forward, Upstream};
-use crate::server::error::{for_path, ApiError};
+use crate::server::error::{body_bytes, for_path, ApiError};
 use crate::server::routes::{model_routes, openai, server_routes};
 use crate::server::{AppState, ModelLabel};
 
@@ -63,15 +64,16 @@ struct Named {
     model: String,
 }
 
-/// OpenAI routes name the model in the JSON body.
-async fn by_body(State(edge): State<Arc<Edge>>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    let body = match axum::body::to_bytes(body, edge.state.limits.max_body_bytes).await {
+/// OpenAI routes name the model in the JSON body. The body is read under the server's body
+/// limit (the layer every tier shares), with the same errors as the local routes.
+async fn by_body(
+    State(edge): State<Arc<Edge>>,
+    parts: Parts,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_bytes(body) {
         Ok(body) => body,
-        Err(e) => {
-            let limit = edge.state.limits.max_body_bytes;
-            return for_path(parts.uri.path(), unreadable_body(e, limit));
-        }
+        Err(e) => return for_path(parts.uri.path(), e),
     };
     match serde_json::from_slice::<Named>(&body) {
         Ok(Named { model }) => edge.dispatch(parts, body, model).await,
@@ -81,62 +83,15 @@ async fn by_body(State(edge): State<Arc<Edge>>, request: Request) -> Response {
 }
 
 /// KServe routes name the model in the path: `/v2/models/{name}/…`.
-async fn by_path(State(edge): State<Arc<Edge>>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    let Some(model) = parts
-        .uri
-        .path()
-        .strip_prefix("/v2/models/")
-        .and_then(|rest| rest.split('/').next())
-        .map(percent_decoded)
-    else {
-        return edge.local(parts, Bytes::new()).await;
-    };
-    let body = match axum::body::to_bytes(body, edge.state.limits.max_body_bytes).await {
-        Ok(body) => body,
-        Err(e) => {
-            let limit = edge.state.limits.max_body_bytes;
-            return for_path(parts.uri.path(), unreadable_body(e, limit));
-        }
-    };
-    edge.dispatch(parts, body, model).await
-}
-
-fn percent_decoded(segment: &str) -> String {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push((hex(h).unwrap() * 16 + hex(l).unwrap()) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn unreadable_body(e: axum::Error, limit: usize) -> ApiError {
-    let too_large =
-        std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-    if too_large {
-        ApiError::new(
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the request body is larger than {limit} bytes"),
-        )
-    } else {
-        ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "invalid_body",
-            format!("cannot read the request body: {e}"),
-        )
+async fn by_path(
+    State(edge): State<Arc<Edge>>,
+    Path(model): Path<String>,
+    parts: Parts,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match body_bytes(body) {
+        Ok(body) => edge.dispatch(parts, body, model).await,
+        Err(e) => for_path(parts.uri.path(), e),
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::breaker::{Admission, Breaker, BreakerConfig, CircuitState};
 use crate::config::url_arg::UpstreamUrl;
 use crate::metrics::EdgeMetrics;
-use crate::server::bounded_body::{Bounded, Failure};
+use crate::server::bounded_body::{is_event_stream, Bounded, Failure};
 use crate::server::error::ApiError;
 
 /// Why a request could not be forwarded; the server maps each to a status.
@@ -129,14 +129,16 @@ impl Upstream {
 
     /// The error for a request refused because the circuit is open; counts the refusal.
     pub fn unavailable(&self) -> UpstreamError {
+        self.refused(self.breaker.remaining_open(std::time::Instant::now()))
+    }
+
+    fn refused(&self, retry_after: Duration) -> UpstreamError {
         self.metrics
             .upstream_errors_total
             .with_label_values(&["circuit_open"])
             .inc();
-        let remaining = self.breaker.remaining_open(std::time::Instant::now());
-        UpstreamError::Unavailable {
-            retry_after: remaining,
-        }
+        self.publish_state();
+        UpstreamError::Unavailable { retry_after }
     }
 
     /// Whether the upstream's last model list has `model`; `None` before any list arrived.
@@ -162,14 +164,7 @@ impl Upstream {
         let mut attempt = 0;
         loop {
             match self.breaker.admit(std::time::Instant::now()) {
-                Admission::Refused { retry_after } => {
-                    self.metrics
-                        .upstream_errors_total
-                        .with_label_values(&["circuit_open"])
-                        .inc();
-                    self.publish_state();
-                    return Err(UpstreamError::Unavailable { retry_after });
-                }
+                Admission::Refused { retry_after } => return Err(self.refused(retry_after)),
                 Admission::Allowed | Admission::Trial => {}
             }
             let sent = Instant::now();
@@ -273,11 +268,6 @@ impl Upstream {
         for name in hop {
             parts.headers.remove(name);
         }
-        let is_event_stream = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
         let upstream = self.clone();
         let on_failure = Box::new(move |why: Failure| match why {
             Failure::Broken(e) => {
@@ -297,7 +287,8 @@ impl Upstream {
                 )
             }
         });
-        let body = Bounded::new(body, deadline, sse && is_event_stream, on_failure);
+        let sse = sse && is_event_stream(&parts.headers);
+        let body = Bounded::new(body, deadline, sse, on_failure);
         Response::from_parts(parts, Body::new(body))
     }
 

@@ -17,6 +17,14 @@ use super::error::{openai_body, ApiError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Whether a response is a server-sent event stream (its failures end with an error event).
+pub fn is_event_stream(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
 /// Why a bounded body ended early.
 pub enum Failure {
     /// The inner body failed, with its error.

@@ -264,18 +264,25 @@ pub fn for_path(path: &str, e: ApiError) -> Response {
     }
 }
 
-/// Parses a JSON body: broken JSON is 400, JSON of the wrong shape 422, each saying where.
-pub fn parse_json<T: serde::de::DeserializeOwned>(
+/// A request body, or why it could not be read: over the body limit is 413, else 400.
+pub fn body_bytes(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body.map_err(|r| {
+) -> Result<axum::body::Bytes, ApiError> {
+    body.map_err(|r| {
         let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             "body_too_large"
         } else {
             "invalid_body"
         };
         ApiError::new(r.status(), code, r.body_text())
-    })?;
+    })
+}
+
+/// Parses a JSON body: broken JSON is 400, JSON of the wrong shape 422, each saying where.
+pub fn parse_json<T: serde::de::DeserializeOwned>(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body_bytes(body)?;
     serde_json::from_slice(&body).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {

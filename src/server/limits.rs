@@ -10,7 +10,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tokio::time::Instant;
 
-use super::bounded_body::{Bounded, Failure};
+use super::bounded_body::{is_event_stream, Bounded, Failure};
 use super::error::{for_path, ApiError};
 use super::AppState;
 
@@ -94,11 +94,7 @@ pub async fn enforce_deadline(State(state): State<AppState>, req: Request, next:
     let Ok(response) = tokio::time::timeout_at(deadline, next.run(req)).await else {
         return for_path(&path, deadline_exceeded(limit));
     };
-    let sse = response
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let sse = is_event_stream(response.headers());
     let (parts, body) = response.into_parts();
     // A body whose size is known is already whole (JSON answers): nothing left to bound.
     if http_body::Body::size_hint(&body).exact().is_some() {
