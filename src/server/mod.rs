@@ -150,13 +150,16 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().clone();
-    let id = req
-        .headers()
-        .get(request_id::HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    // The request log line is debug-level: only then is its id and method copied.
+    let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        let id = req
+            .headers()
+            .get(request_id::HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        (id, req.method().clone())
+    });
     let response = next.run(req).await;
     let model = response
         .extensions()
@@ -174,7 +177,9 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
         .request_duration_seconds
         .with_label_values(&[model, &route])
         .observe(started.elapsed().as_secs_f64());
-    tracing::debug!(request_id = %id, %method, %route, model, status, ms = started.elapsed().as_millis() as u64, "request");
+    if let Some((id, method)) = logged {
+        tracing::debug!(request_id = %id, %method, %route, model, status, ms = started.elapsed().as_millis() as u64, "request");
+    }
     response
 }
 
