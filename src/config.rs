@@ -95,6 +95,16 @@ pub struct ServeArgs {
     #[arg(long, env = "EMBER_OPEN_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub open_metrics: bool,
 
+    /// Serve HTTPS with this PEM certificate chain (leaf first); needs `--tls-key`.
+    #[cfg(feature = "tls")]
+    #[arg(long, env = "EMBER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of `--tls-cert` (PKCS#8, PKCS#1 or SEC1).
+    #[cfg(feature = "tls")]
+    #[arg(long, env = "EMBER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Largest request body in bytes; larger ones get 413.
     #[arg(long, env = "EMBER_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=(1 << 30)))]
     pub max_body_bytes: u64,
@@ -134,6 +144,16 @@ pub enum LogFormat {
 }
 
 impl ServeArgs {
+    /// The TLS settings, when `--tls-cert` and `--tls-key` are given; read and checked now so a
+    /// bad file stops start-up with its name.
+    pub fn tls(&self) -> Result<Option<crate::server::Tls>, String> {
+        #[cfg(feature = "tls")]
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            return crate::server::Tls::from_pem_files(cert, key).map(Some);
+        }
+        Ok(None)
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
@@ -185,9 +205,16 @@ pub struct EdgeArgs {
     #[command(flatten)]
     pub server: ServeArgs,
 
-    /// The cloud tier's base URL (http://host:port), e.g. its Kubernetes Service.
+    /// The cloud tier's base URL (http://host:port or https://host:port), e.g. its Kubernetes
+    /// Service.
     #[arg(long, env = "EMBER_UPSTREAM")]
     pub upstream: url_arg::UpstreamUrl,
+
+    /// PEM CA certificates that an `https://` upstream's certificate must chain to, instead of
+    /// the system's roots (for a private CA).
+    #[cfg(feature = "tls")]
+    #[arg(long, env = "EMBER_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
 
     /// Bearer credential the edge presents to the upstream (the client's is never passed on).
     #[arg(long, env = "EMBER_UPSTREAM_API_KEY", hide_env_values = true)]
@@ -242,13 +269,25 @@ pub mod url_arg {
     use std::fmt;
     use std::str::FromStr;
 
-    /// An `http://host:port[/prefix]` base URL, checked at start-up.
+    /// An `http(s)://host:port[/prefix]` base URL, checked at start-up.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct UpstreamUrl {
+        /// `https`: the edge talks TLS to the upstream.
+        pub tls: bool,
         /// `host:port`
         pub authority: String,
         /// Path prefix without a trailing slash (empty for none).
         pub prefix: String,
+    }
+
+    impl UpstreamUrl {
+        pub fn scheme(&self) -> &'static str {
+            if self.tls {
+                "https"
+            } else {
+                "http"
+            }
+        }
     }
 
     impl FromStr for UpstreamUrl {
@@ -256,17 +295,16 @@ pub mod url_arg {
 
         fn from_str(s: &str) -> Result<Self, String> {
             let uri: axum::http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
-            match uri.scheme_str() {
-                Some("http") => {}
+            let tls = match uri.scheme_str() {
+                Some("http") => false,
+                Some("https") if cfg!(feature = "tls") => true,
                 Some("https") => {
-                    return Err(
-                        "https upstreams are not supported yet; use http:// (TLS between \
-                         tiers is planned with the hardening work)"
-                            .into(),
-                    )
+                    return Err(format!(
+                        "{s:?}: this build has no TLS; build with `--features tls` or use http://"
+                    ))
                 }
-                _ => return Err(format!("{s:?} needs an http:// scheme")),
-            }
+                _ => return Err(format!("{s:?} needs an http:// or https:// scheme")),
+            };
             let authority = uri
                 .authority()
                 .ok_or_else(|| format!("{s:?} has no host"))?
@@ -275,13 +313,17 @@ pub mod url_arg {
                 return Err(format!("{s:?}: a base URL takes no query"));
             }
             let prefix = uri.path().trim_end_matches('/').to_string();
-            Ok(Self { authority, prefix })
+            Ok(Self {
+                tls,
+                authority,
+                prefix,
+            })
         }
     }
 
     impl fmt::Display for UpstreamUrl {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "http://{}{}", self.authority, self.prefix)
+            write!(f, "{}://{}{}", self.scheme(), self.authority, self.prefix)
         }
     }
 }
@@ -364,19 +406,23 @@ mod tests {
     use super::url_arg::UpstreamUrl;
 
     #[test]
-    fn upstream_urls_are_http_base_urls() {
+    fn upstream_urls_are_http_or_https_base_urls() {
         let url: UpstreamUrl = "http://cloud.svc:8080/ember/".parse().unwrap();
         assert_eq!(url.authority, "cloud.svc:8080");
         assert_eq!(url.prefix, "/ember");
         assert_eq!(url.to_string(), "http://cloud.svc:8080/ember");
         let plain: UpstreamUrl = "http://127.0.0.1:9000".parse().unwrap();
         assert_eq!(plain.prefix, "");
-        for bad in [
-            "https://cloud:443",
-            "cloud:8080",
-            "http://cloud:1/?x=1",
-            "ftp://x",
-        ] {
+        assert!(!plain.tls);
+        let secure = "https://cloud:443".parse::<UpstreamUrl>();
+        if cfg!(feature = "tls") {
+            let secure = secure.unwrap();
+            assert!(secure.tls);
+            assert_eq!(secure.to_string(), "https://cloud:443");
+        } else {
+            assert!(secure.unwrap_err().contains("no TLS"));
+        }
+        for bad in ["cloud:8080", "http://cloud:1/?x=1", "ftp://x"] {
             assert!(bad.parse::<UpstreamUrl>().is_err(), "{bad} was accepted");
         }
     }

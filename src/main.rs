@@ -28,9 +28,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(argv);
     let args = cli.command.server().clone();
     init_logging(args.log_format);
-    let (access, rate_limiter) = match (args.access_policy(), args.rate_limiter()) {
-        (Ok(access), Ok(limiter)) => (access, limiter),
-        (Err(e), _) | (_, Err(e)) => {
+    let (access, rate_limiter, tls) = match (args.access_policy(), args.rate_limiter(), args.tls())
+    {
+        (Ok(access), Ok(limiter), Ok(tls)) => (access, limiter, tls),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
@@ -61,6 +62,7 @@ fn main() -> ExitCode {
     let guards = Guards {
         access,
         rate_limiter,
+        tls,
     };
     match runtime.block_on(run(cli.command, specs, guards)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -121,10 +123,11 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Who may call, and how often.
+/// Who may call, how often, and over what.
 struct Guards {
     access: AccessPolicy,
     rate_limiter: Option<RateLimiter>,
+    tls: Option<server::Tls>,
 }
 
 async fn run(command: Command, specs: Vec<ModelSpec>, guards: Guards) -> anyhow::Result<()> {
@@ -136,9 +139,14 @@ async fn run(command: Command, specs: Vec<ModelSpec>, guards: Guards) -> anyhow:
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.addr))?;
     let addr = listener.local_addr()?;
     // Tests and scripts read the bound port from this line (logs go to stderr).
-    println!("ember: listening on http://{addr}");
+    let scheme = if guards.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("ember: listening on {scheme}://{addr}");
     std::io::stdout().flush()?;
-    tracing::info!(%addr, device = %args.device, models = specs.len(), "listening; loading models");
+    tracing::info!(%addr, scheme, device = %args.device, models = specs.len(), "listening; loading models");
 
     let state = AppState {
         access: Arc::new(guards.access),
@@ -155,6 +163,7 @@ async fn run(command: Command, specs: Vec<ModelSpec>, guards: Guards) -> anyhow:
     };
     let server = tokio::spawn(server::serve(
         listener,
+        guards.tls,
         app,
         state.clone(),
         server::shutdown_signal(),

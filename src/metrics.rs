@@ -298,7 +298,7 @@ pub struct EdgeMetrics {
     pub routing_decisions_total: IntCounterVec,
     /// Time from sending a forwarded request to the upstream's response headers, by model.
     pub upstream_response_seconds: HistogramVec,
-    /// `kind`: connect, timeout, status (a 5xx answer), stream (broken mid-body), circuit_open.
+    /// `kind`: connect, broken (sent, then the connection failed before the response), timeout, status (a 5xx answer), stream (broken mid-body), circuit_open.
     pub upstream_errors_total: IntCounterVec,
     /// 0 closed, 1 half-open, 2 open.
     pub circuit_state: IntGauge,
@@ -330,7 +330,7 @@ impl Metrics {
             upstream_errors_total: IntCounterVec::new(
                 Opts::new(
                     "ember_edge_upstream_errors_total",
-                    "Forwarding failures by kind (connect, timeout, status, stream, circuit_open).",
+                    "Forwarding failures by kind (connect, broken, timeout, status, stream, circuit_open).",
                 ),
                 &["kind"],
             )

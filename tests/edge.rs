@@ -30,59 +30,6 @@ fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
         .unwrap()
 }
 
-/// Reads SSE events (`data:` payloads) as they arrive.
-struct Events {
-    stream: futures::stream::BoxStream<'static, reqwest::Result<axum::body::Bytes>>,
-    buffer: String,
-}
-
-impl Events {
-    fn new(response: reqwest::Response) -> Self {
-        Self {
-            stream: response.bytes_stream().boxed(),
-            buffer: String::new(),
-        }
-    }
-
-    /// The next event, or `None` at the end of the body (an error in the body is a test failure:
-    /// the edge must end streams cleanly).
-    async fn next(&mut self) -> Option<String> {
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let event: String = self.buffer.drain(..end + 2).collect();
-                if let Some(data) = event.trim_end().strip_prefix("data: ") {
-                    return Some(data.to_string());
-                }
-                continue;
-            }
-            let chunk = tokio::time::timeout(Duration::from_secs(30), self.stream.next())
-                .await
-                .expect("the stream neither sent an event nor ended within 30 s")?;
-            self.buffer
-                .push_str(std::str::from_utf8(&chunk.expect("the body ends cleanly")).unwrap());
-        }
-    }
-
-    async fn rest(&mut self) -> Vec<String> {
-        let mut all = Vec::new();
-        while let Some(e) = self.next().await {
-            all.push(e);
-        }
-        all
-    }
-}
-
-/// The text an event carries: a chat delta or a completion's text.
-fn delta_text(event: &str) -> String {
-    let v: Value = serde_json::from_str(event).unwrap();
-    let choice = &v["choices"][0];
-    choice["delta"]["content"]
-        .as_str()
-        .or(choice["text"].as_str())
-        .unwrap_or_default()
-        .to_string()
-}
-
 async fn wait_for(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !check().await {

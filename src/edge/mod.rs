@@ -52,6 +52,10 @@ pub fn app(args: &EdgeArgs, state: &AppState) -> Result<Router, String> {
     let metrics = state.metrics.edge();
     let config = UpstreamConfig {
         url: args.upstream.clone(),
+        #[cfg(feature = "tls")]
+        ca: args.upstream_ca.clone(),
+        #[cfg(not(feature = "tls"))]
+        ca: None,
         credential: args
             .upstream_api_key
             .as_ref()
@@ -65,6 +69,10 @@ pub fn app(args: &EdgeArgs, state: &AppState) -> Result<Router, String> {
             open_for: Duration::from_millis(args.circuit_open_ms),
         },
     };
+    #[cfg(feature = "tls")]
+    if args.upstream_ca.is_some() && !args.upstream.tls {
+        tracing::warn!(upstream = %args.upstream, "--upstream-ca is set but the upstream is plain http://; it is not used");
+    }
     let upstream = Arc::new(upstream::Upstream::new(config, metrics)?);
     tokio::spawn(
         upstream

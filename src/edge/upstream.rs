@@ -43,6 +43,8 @@ pub fn retry_secs(d: Duration) -> u64 {
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub url: UpstreamUrl,
+    /// PEM CA certificates for an `https://` upstream; `None`: the system's roots.
+    pub ca: Option<std::path::PathBuf>,
     pub credential: Option<String>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
@@ -67,7 +69,7 @@ pub struct Forward {
 
 pub struct Upstream {
     config: UpstreamConfig,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     credential: Option<HeaderValue>,
     breaker: Breaker,
     /// The `data` of the upstream's `GET /v1/models`, from the last successful probe.
@@ -93,15 +95,75 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+#[cfg(feature = "tls")]
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+#[cfg(not(feature = "tls"))]
+type Connector = HttpConnector;
+
+/// TCP with the connect timeout and no Nagle delay (small requests and SSE events must not
+/// wait), under TLS for an `https://` upstream.
+fn connector(config: &UpstreamConfig) -> Result<Connector, String> {
+    let mut tcp = HttpConnector::new();
+    tcp.set_connect_timeout(Some(config.connect_timeout));
+    tcp.set_nodelay(true);
+    #[cfg(feature = "tls")]
+    {
+        tcp.enforce_http(false);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let provider = crate::server::tls::provider();
+        let builder = match &config.ca {
+            Some(path) => builder.with_tls_config(client_tls(path, provider)?),
+            None if config.url.tls => builder
+                .with_provider_and_native_roots(provider)
+                .map_err(|e| {
+                    format!("no usable system CA certificates ({e}); name the upstream's CA with --upstream-ca")
+                })?,
+            // A plain-HTTP upstream needs no roots (a host without any must still start).
+            None => builder.with_tls_config(
+                rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| format!("TLS: {e}"))?
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            ),
+        };
+        Ok(builder.https_or_http().enable_http1().wrap_connector(tcp))
+    }
+    #[cfg(not(feature = "tls"))]
+    Ok(tcp)
+}
+
+/// A client configuration that trusts exactly the CA certificates in the PEM file at `path`.
+#[cfg(feature = "tls")]
+fn client_tls(
+    path: &std::path::Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+
+    let named = |e: &dyn std::fmt::Display| format!("--upstream-ca {}: {e}", path.display());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| named(&e))? {
+        roots
+            .add(cert.map_err(|e| named(&e))?)
+            .map_err(|e| named(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(named(&"no PEM certificate in the file"));
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 impl Upstream {
     pub fn new(config: UpstreamConfig, metrics: EdgeMetrics) -> Result<Self, String> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        // Small requests and SSE events must not wait for Nagle's algorithm.
-        connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+            .build(connector(&config)?);
         let credential = config
             .credential
             .as_deref()
@@ -214,7 +276,7 @@ impl Upstream {
                 }
                 // Sent, then broken: the upstream may have acted on it, so no retry.
                 Ok(Err(e)) => {
-                    self.failed("connect");
+                    self.failed("broken");
                     return Err(UpstreamError::Failed(error_chain(&e)));
                 }
                 Err(_) => {
@@ -227,10 +289,7 @@ impl Upstream {
 
     fn build(&self, request: &Forward) -> Request<Full<Bytes>> {
         let url = &self.config.url;
-        let uri = format!(
-            "http://{}{}{}",
-            url.authority, url.prefix, request.path_and_query
-        );
+        let uri = format!("{url}{}", request.path_and_query);
         let mut builder = Request::builder().method(request.method.clone()).uri(uri);
         if let Some(headers) = builder.headers_mut() {
             for (name, value) in &request.headers {
@@ -314,42 +373,44 @@ impl Upstream {
         let mut was_ready = None;
         loop {
             ticks.tick().await;
-            let ready = self.probe(interval).await;
+            let verdict = self.probe(interval).await;
+            let ready = verdict.is_ok();
             self.metrics.upstream_up.set(i64::from(ready));
             self.breaker.on_probe(ready, std::time::Instant::now());
             self.publish_state();
             if was_ready != Some(ready) {
-                if ready {
-                    tracing::info!(upstream = %self.config.url, "upstream is ready");
-                } else {
-                    tracing::warn!(upstream = %self.config.url, "upstream is not ready");
+                match verdict {
+                    Ok(()) => tracing::info!(upstream = %self.config.url, "upstream is ready"),
+                    Err(why) => {
+                        tracing::warn!(upstream = %self.config.url, "upstream is not ready: {why}")
+                    }
                 }
                 was_ready = Some(ready);
             }
         }
     }
 
-    /// One probe: readiness, then the model list. A timeout or error is "not ready".
-    async fn probe(&self, timeout: Duration) -> bool {
-        let ready = self
-            .get("/v2/health/ready", timeout)
-            .await
-            .is_some_and(|(status, _)| status == StatusCode::OK);
-        if ready {
-            let list = self
-                .get("/v1/models", timeout)
-                .await
-                .filter(|(status, _)| *status == StatusCode::OK)
-                .and_then(|(_, body)| serde_json::from_slice::<Value>(&body).ok())
-                .and_then(|v| v.get("data").and_then(Value::as_array).cloned());
-            if let Some(list) = list {
-                *self.models.write().unwrap_or_else(|p| p.into_inner()) = Some(list);
-            }
+    /// One probe: readiness, then the model list. A timeout or error is "not ready", and says
+    /// why (a refused connection and an untrusted certificate need different fixes).
+    async fn probe(&self, timeout: Duration) -> Result<(), String> {
+        match self.get("/v2/health/ready", timeout).await? {
+            (StatusCode::OK, _) => {}
+            (status, _) => return Err(format!("its readiness probe answered {status}")),
         }
-        ready
+        let list = self
+            .get("/v1/models", timeout)
+            .await
+            .ok()
+            .filter(|(status, _)| *status == StatusCode::OK)
+            .and_then(|(_, body)| serde_json::from_slice::<Value>(&body).ok())
+            .and_then(|v| v.get("data").and_then(Value::as_array).cloned());
+        if let Some(list) = list {
+            *self.models.write().unwrap_or_else(|p| p.into_inner()) = Some(list);
+        }
+        Ok(())
     }
 
-    async fn get(&self, path: &str, timeout: Duration) -> Option<(StatusCode, Bytes)> {
+    async fn get(&self, path: &str, timeout: Duration) -> Result<(StatusCode, Bytes), String> {
         let request = Forward {
             method: Method::GET,
             path_and_query: path.to_string(),
@@ -359,12 +420,23 @@ impl Upstream {
             sse: false,
         };
         let exchange = async {
-            let response = self.client.request(self.build(&request)).await.ok()?;
+            let response = self
+                .client
+                .request(self.build(&request))
+                .await
+                .map_err(|e| error_chain(&e))?;
             let status = response.status();
-            let body = response.into_body().collect().await.ok()?.to_bytes();
-            Some((status, body))
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| error_chain(&e))?
+                .to_bytes();
+            Ok((status, body))
         };
-        tokio::time::timeout(timeout, exchange).await.ok().flatten()
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())))
     }
 }
 

@@ -156,6 +156,11 @@ impl Server {
 
     /// Runs the binary with `args` (which include `--addr`) and waits until it is ready.
     pub async fn spawn(args: &[String]) -> Server {
+        Server::spawn_with(args, reqwest::Client::new()).await
+    }
+
+    /// [`Server::spawn`] with the client the tests talk through (one that trusts a test CA).
+    pub async fn spawn_with(args: &[String], client: reqwest::Client) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
             .args(args)
             // Warnings help when a test fails; every test server is open on purpose.
@@ -179,7 +184,7 @@ impl Server {
         let server = Server {
             child,
             base,
-            client: reqwest::Client::new(),
+            client,
         };
         // Keyed health probes need one of the server's keys.
         let key = args
@@ -370,4 +375,59 @@ pub fn reference_cases() -> Vec<ReferenceCase> {
             embedding: vector(&c["embedding"]),
         })
         .collect()
+}
+
+/// Reads SSE events (`data:` payloads) as they arrive.
+pub struct Events {
+    stream: futures::stream::BoxStream<'static, reqwest::Result<axum::body::Bytes>>,
+    buffer: String,
+}
+
+impl Events {
+    pub fn new(response: reqwest::Response) -> Self {
+        use futures::StreamExt;
+        Self {
+            stream: response.bytes_stream().boxed(),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event, or `None` at the end of the body (an error in the body is a test failure:
+    /// the edge must end streams cleanly).
+    pub async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let event: String = self.buffer.drain(..end + 2).collect();
+                if let Some(data) = event.trim_end().strip_prefix("data: ") {
+                    return Some(data.to_string());
+                }
+                continue;
+            }
+            use futures::StreamExt;
+            let chunk = tokio::time::timeout(Duration::from_secs(30), self.stream.next())
+                .await
+                .expect("the stream neither sent an event nor ended within 30 s")?;
+            self.buffer
+                .push_str(std::str::from_utf8(&chunk.expect("the body ends cleanly")).unwrap());
+        }
+    }
+
+    pub async fn rest(&mut self) -> Vec<String> {
+        let mut all = Vec::new();
+        while let Some(e) = self.next().await {
+            all.push(e);
+        }
+        all
+    }
+}
+
+/// The text an event carries: a chat delta or a completion's text.
+pub fn delta_text(event: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(event).unwrap();
+    let choice = &v["choices"][0];
+    choice["delta"]["content"]
+        .as_str()
+        .or(choice["text"].as_str())
+        .unwrap_or_default()
+        .to_string()
 }
