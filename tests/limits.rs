@@ -65,6 +65,47 @@ async fn oversized_bodies_and_too_many_inputs_get_413_before_any_compute() {
     );
 }
 
+/// A pooled client that sends a body past the limit gets its 413 even while it is still
+/// writing (the server lingers over the rest instead of resetting the connection), is told the
+/// connection ends there, and loses none of the requests it sends next. Before both, the soak
+/// lost a request on a reused connection every few minutes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_past_the_limit_gets_its_413_and_costs_no_later_request() {
+    let models = repository_with(&[(MODEL, "")]);
+    let server = Server::start(&models, &["--max-body-bytes", "4096"]).await;
+    let client = reqwest::Client::new();
+    // 16 MiB: more than loopback's socket buffers hold, so the client is still writing when
+    // the 413 comes; a small one fits in the buffers, so the client reuses the connection.
+    for size in [16 << 20, 64 << 10] {
+        for round in 0..10 {
+            let r = client
+                .post(server.url("/v1/embeddings"))
+                .header("content-type", "application/json")
+                .body(vec![b'['; size])
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{size} bytes, round {round}: no 413 but {e:?}"));
+            assert_eq!(r.status(), 413);
+            assert_eq!(r.headers()["connection"], "close");
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "body_too_large");
+            for _ in 0..3 {
+                let r = client
+                    .post(server.url("/v1/embeddings"))
+                    .json(&json!({"model": MODEL, "input": "after"}))
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("a request after a 413 was lost: {e:?}"));
+                assert_eq!(r.status(), 200);
+                assert!(
+                    r.headers().get("connection").is_none_or(|v| v != "close"),
+                    "a request read whole keeps its connection"
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn long_texts_are_cut_or_refused_by_server_default_and_request_flag() {
     let models = repository_with(&[(MODEL, "")]);

@@ -122,7 +122,10 @@ fn classify(status: u16) -> Outcome {
 fn report_lost(kind: &str, error: &dyn std::fmt::Debug) {
     static SHOWN: AtomicUsize = AtomicUsize::new(0);
     if SHOWN.fetch_add(1, Ordering::Relaxed) < 6 {
-        eprintln!("lost {kind} request: {error:?}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        eprintln!("lost {kind} request at {:.3}: {error:?}", now.as_secs_f64());
     }
 }
 

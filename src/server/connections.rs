@@ -1,6 +1,7 @@
 //! The connection limit: a listener that holds one slot per open connection. Past the limit a
 //! new connection is answered at once with a 503 and closed, rather than left waiting in the
-//! kernel's backlog. Also names the peer's address for per-client limits ([`PeerAddr`]).
+//! kernel's backlog. Every close the server starts lingers (see [`linger`]). Also names the
+//! peer's address for per-client limits ([`PeerAddr`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -66,7 +67,7 @@ where
             };
             let (io, addr) = self.inner.accept().await;
             if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-                return (Guarded { io, _slot: slot }, addr);
+                return (Guarded::new(io, slot), addr);
             }
             if self.warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
                 tracing::warn!(max = self.max, "connection limit reached; refusing");
@@ -129,10 +130,24 @@ async fn refuse<Io: AsyncRead + AsyncWrite + Unpin>(mut io: Io, max: usize) {
         body.len()
     );
     let _ = io.write_all(response.as_bytes()).await;
+    linger(io).await;
+}
+
+/// How long a closing connection's unread bytes are read and dropped, at most.
+const LINGER: Duration = Duration::from_secs(5);
+/// How many unread bytes a closing connection reads and drops, at most.
+const LINGER_BYTES: usize = 64 << 20;
+
+/// Closes a connection the server is done with, as nginx's lingering close does: the write
+/// side first, then whatever the client still sends is read and dropped until it closes too (or
+/// [`LINGER`] passes). Closing with unread bytes would send a reset instead, and the reset can
+/// destroy the last response before the client reads it: a 413 for a body still arriving, or
+/// the 503 of a refused connection.
+async fn linger<Io: AsyncRead + AsyncWrite + Unpin>(mut io: Io) {
     let _ = io.shutdown().await;
     let drain = async {
-        let mut sink = [0u8; 4096];
-        let mut left = 1 << 20;
+        let mut sink = [0u8; 8192];
+        let mut left = LINGER_BYTES;
         while left > 0 {
             match io.read(&mut sink).await {
                 Ok(0) | Err(_) => break,
@@ -140,32 +155,79 @@ async fn refuse<Io: AsyncRead + AsyncWrite + Unpin>(mut io: Io, max: usize) {
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
-/// A connection holding its slot until it closes.
-pub struct Guarded<Io> {
-    io: Io,
-    _slot: OwnedSemaphorePermit,
+/// A connection holding its slot until it closes. A close the server starts lingers, holding
+/// the slot, so lingering cannot use more descriptors than the limit allows.
+pub struct Guarded<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
+    /// `None` only once dropped.
+    io: Option<Io>,
+    slot: Option<OwnedSemaphorePermit>,
+    /// The client closed its side (or the connection failed): nothing is left to linger over.
+    client_closed: bool,
 }
 
-impl<Io: AsyncRead + Unpin> AsyncRead for Guarded<Io> {
+impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Guarded<Io> {
+    fn new(io: Io, slot: OwnedSemaphorePermit) -> Self {
+        Self {
+            io: Some(io),
+            slot: Some(slot),
+            client_closed: false,
+        }
+    }
+
+    fn io(&mut self) -> Pin<&mut Io> {
+        Pin::new(
+            self.io
+                .as_mut()
+                .expect("the connection is open until dropped"),
+        )
+    }
+}
+
+impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for Guarded<Io> {
+    fn drop(&mut self) {
+        if self.client_closed {
+            return;
+        }
+        let (Some(io), Ok(runtime)) = (self.io.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let slot = self.slot.take();
+        runtime.spawn(async move {
+            linger(io).await;
+            drop(slot);
+        });
+    }
+}
+
+impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Guarded<Io> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = this.io().poll_read(cx, buf);
+        match &polled {
+            Poll::Ready(Ok(())) if buf.filled().len() == before => this.client_closed = true,
+            Poll::Ready(Err(_)) => this.client_closed = true,
+            _ => {}
+        }
+        polled
     }
 }
 
-impl<Io: AsyncWrite + Unpin> AsyncWrite for Guarded<Io> {
+impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Guarded<Io> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        self.get_mut().io().poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -173,19 +235,19 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Guarded<Io> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        self.get_mut().io().poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        self.get_mut().io().poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        self.get_mut().io().poll_shutdown(cx)
     }
 }
 

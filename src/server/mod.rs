@@ -5,6 +5,7 @@ pub mod auth;
 pub mod bounded_body;
 pub mod connections;
 pub mod error;
+pub mod keep_alive;
 pub mod limits;
 pub mod openapi;
 pub mod rate_limit;
@@ -74,9 +75,10 @@ pub fn router(state: AppState) -> Router {
     with_layers(routes::cloud().with_state(state.clone()), &state)
 }
 
-/// Wraps an application in the layers every tier shares, outermost first: request id (kept or
-/// created, echoed on the response), metrics and the request log line, access control, the
-/// request deadline, the body limit, refusal while draining.
+/// Wraps an application in the layers every tier shares, outermost first: `Connection: close`
+/// for a response that left its body unread, request id (kept or created, echoed on the
+/// response), metrics and the request log line, access control, the request deadline, the body
+/// limit, refusal while draining.
 pub fn with_layers(app: Router, state: &AppState) -> Router {
     use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
     let id = axum::http::HeaderName::from_static(request_id::HEADER);
@@ -101,6 +103,7 @@ pub fn with_layers(app: Router, state: &AppState) -> Router {
     ))
     .layer(PropagateRequestIdLayer::new(id.clone()))
     .layer(SetRequestIdLayer::new(id, request_id::NewRequestId))
+    .layer(axum::middleware::from_fn(keep_alive::close_if_body_unread))
 }
 
 /// Refuses a request without the key its route needs, or over its caller's rate, before
