@@ -127,6 +127,12 @@ pub struct ServeArgs {
     #[arg(long, env = "EMBER_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,
 
+    /// How long a connection may sit without a request (between keep-alive requests, or while
+    /// a request's head trickles in) before it is closed, freeing its slot. Requests being
+    /// processed or streamed are never cut by it.
+    #[arg(long, env = "EMBER_IDLE_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub idle_timeout_secs: u64,
+
     /// Requests per second allowed per API key (per client address on a server without keys);
     /// 0 = no limit. Over it: 429 with `Retry-After`. The admin key is not limited.
     #[arg(long, env = "EMBER_RATE_LIMIT_RPS", default_value_t = 0.0)]
@@ -165,6 +171,7 @@ impl ServeArgs {
             truncate: self.truncate,
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             max_connections: self.max_connections as usize,
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
         }
     }
 

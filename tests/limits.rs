@@ -106,6 +106,82 @@ async fn a_body_past_the_limit_gets_its_413_and_costs_no_later_request() {
     }
 }
 
+/// Reads until the server closes the connection; what it sent before that.
+async fn read_until_closed(conn: &mut tokio::net::TcpStream, limit: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    tokio::time::timeout(limit, conn.read_to_end(&mut seen))
+        .await
+        .unwrap_or_else(|_| panic!("the connection was still open after {limit:?}"))
+        .ok();
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// `--idle-timeout-secs`: a connection that sends no request head in time (silent, idle after
+/// a response, or trickling its head) is closed and its slot freed; a request whose body takes
+/// longer than that is not cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_and_slow_header_connections_are_closed_and_free_their_slots() {
+    use tokio::io::AsyncWriteExt;
+    let models = repository_with(&[(MODEL, "")]);
+    let server = Server::start(&models, &["--idle-timeout-secs", "1"]).await;
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let connect = || tokio::net::TcpStream::connect(addr.clone());
+
+    let mut silent = connect().await.unwrap();
+    assert_eq!(
+        read_until_closed(&mut silent, Duration::from_secs(10)).await,
+        ""
+    );
+
+    let mut kept = connect().await.unwrap();
+    kept.write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = read_until_closed(&mut kept, Duration::from_secs(10)).await;
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+
+    let mut trickling = connect().await.unwrap();
+    trickling
+        .write_all(b"GET /health/live HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let closer = async {
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if trickling.write_all(b"x-slow: 1\r\n").await.is_err() {
+                return true;
+            }
+        }
+        false
+    };
+    assert!(
+        closer.await,
+        "a head trickling for 10 s was still being read"
+    );
+
+    // A slow body is the handler's business (the request deadline bounds it), not the idle
+    // timeout's.
+    let body = json!({"model": MODEL, "input": "slow but steady"}).to_string();
+    let mut slow = connect().await.unwrap();
+    slow.write_all(
+        format!(
+            "POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    for piece in body.as_bytes().chunks(body.len().div_ceil(5)) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        slow.write_all(piece).await.unwrap();
+    }
+    let answer = read_until_closed(&mut slow, Duration::from_secs(30)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn long_texts_are_cut_or_refused_by_server_default_and_request_flag() {
     let models = repository_with(&[(MODEL, "")]);

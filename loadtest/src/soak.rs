@@ -266,8 +266,9 @@ async fn main() -> anyhow::Result<()> {
     let mut pool = texts(&tokenizer, 12, 256)?;
     pool.extend(texts(&tokenizer, 60, 256)?);
     let pool = Arc::new(pool);
-    // Idle connections are dropped before the server's 30 s idle limit, so none is reused just as
-    // the server closes it (a race no server can prevent, which would count as a lost request).
+    // Idle connections are dropped before the server's idle timeout (60 s by default), so none
+    // is reused just as the server closes it (a race no server can prevent, which would count
+    // as a lost request).
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .pool_idle_timeout(Duration::from_secs(20))

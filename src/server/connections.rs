@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::Listener;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -248,14 +247,5 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Guarded
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_mut().io().poll_shutdown(cx)
-    }
-}
-
-impl<L> Connected<IncomingStream<'_, Limited<L>>> for PeerAddr
-where
-    L: Listener<Addr = SocketAddr>,
-{
-    fn connect_info(stream: IncomingStream<'_, Limited<L>>) -> Self {
-        PeerAddr(*stream.remote_addr())
     }
 }

@@ -31,6 +31,9 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Most open client connections; one more is answered 503 and closed.
     pub max_connections: usize,
+    /// How long a connection may wait for a request's head: between requests on a keep-alive
+    /// connection, and while the head trickles in. Past it the connection is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Limits {

@@ -11,19 +11,20 @@ pub mod openapi;
 pub mod rate_limit;
 pub mod request_id;
 pub mod routes;
+mod serve;
 #[cfg(feature = "tls")]
 pub mod tls;
 
-use std::future::{Future, IntoFuture};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Router;
-use tokio::net::TcpListener;
+
+pub use serve::{serve, Tls};
 
 use crate::metrics::Metrics;
 use crate::registry::ModelRegistry;
@@ -186,89 +187,6 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
         tracing::debug!(request_id = %id, %method, %route, model, status, ms = started.elapsed().as_millis() as u64, "request");
     }
     response
-}
-
-/// TLS for the listener; without the `tls` feature there is none to give.
-#[cfg(feature = "tls")]
-pub use tls::Tls;
-#[cfg(not(feature = "tls"))]
-#[derive(Debug, Clone)]
-pub enum Tls {}
-
-/// Serves on `listener` (over TLS when given) until `shutdown` resolves, then drains:
-/// readiness goes false, new inference is refused, in-flight requests get up to `grace` to
-/// finish.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Option<Tls>,
-    app: Router,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
-) -> std::io::Result<()> {
-    // Responses and SSE events go out as they are written, not after Nagle's delay.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    let max = state.limits.max_connections;
-    match tls {
-        None => {
-            let listener = connections::Limited::new(listener, max);
-            serve_until(listener, app, state, shutdown, grace).await
-        }
-        // The connection limit sits above TLS: a refusal is an HTTPS answer too.
-        #[cfg(feature = "tls")]
-        Some(tls) => {
-            let listener = connections::Limited::new(tls.listener(listener), max);
-            serve_until(listener, app, state, shutdown, grace).await
-        }
-        #[cfg(not(feature = "tls"))]
-        Some(never) => match never {},
-    }
-}
-
-async fn serve_until<L>(
-    listener: connections::Limited<L>,
-    app: Router,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
-) -> std::io::Result<()>
-where
-    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
-{
-    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
-    let health = state.health.clone();
-    let metrics = state.metrics.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!(
-            grace_s = grace.as_secs_f64(),
-            "shutting down: draining in-flight requests"
-        );
-        health.start_draining();
-        metrics.ready.set(0);
-        let _ = drain_tx.send(true);
-    });
-    let mut drained = drain_rx.clone();
-    let app = app.into_make_service_with_connect_info::<connections::PeerAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = drained.wait_for(|d| *d).await;
-    });
-    let mut started_drain = drain_rx;
-    let server = std::pin::pin!(server.into_future());
-    tokio::select! {
-        result = server => result,
-        _ = async {
-            let _ = started_drain.wait_for(|d| *d).await;
-            tokio::time::sleep(grace).await;
-        } => {
-            tracing::warn!("grace period over; closing the connections still open");
-            Ok(())
-        }
-    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
