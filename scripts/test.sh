@@ -31,6 +31,14 @@ cargo clippy --release --workspace --all-targets --locked -- -D warnings
 cargo clippy --release --no-default-features --features edge --locked -- -D warnings
 cargo clippy --release --no-default-features --features edge,tls --locked -- -D warnings
 
+echo "== the cuda feature: candle's CUDA kernels compiled by nvcc, the Rust checked and linted (no GPU needed)"
+cuda_root="$(scripts/setup_cuda_toolchain.sh)"
+(
+  export PATH="$cuda_root/bin:$PATH" NVCC="$cuda_root/bin/nvcc" CUDA_HOME="$cuda_root" \
+    CUDA_PATH="$cuda_root" CUDA_ROOT="$cuda_root" CUDA_COMPUTE_CAP=80
+  cargo clippy --release --features cuda --locked -- -D warnings
+)
+
 echo "== packaging: Dockerfiles, feature sets, Helm chart (offline)"
 scripts/check_packaging.sh
 

@@ -83,13 +83,7 @@ async fn the_edge_serves_its_model_and_streams_the_heavy_one_from_the_cloud() {
     assert!(cos >= 0.9999, "cosine to the reference {cos}");
 
     // The generator is cloud-tier: forwarded, and its greedy output is llama.cpp's.
-    let f = fixture("smollm2_greedy.json");
-    let case = f["completion"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| decisive(c))
-        .expect("a decisive completion case");
+    let case = decisive_completion();
     let r = edge
         .send(
             "/v1/completions",
@@ -100,12 +94,7 @@ async fn the_edge_serves_its_model_and_streams_the_heavy_one_from_the_cloud() {
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, SERVED_BY), "cloud");
     let events = Events::new(r).rest().await;
-    assert_eq!(events.last().unwrap(), "[DONE]");
-    let text: String = events[..events.len() - 1]
-        .iter()
-        .map(|e| delta_text(e))
-        .collect();
-    assert_eq!(text, case["greedy_text"].as_str().unwrap());
+    assert_eq!(stream_text(&events), case["greedy_text"].as_str().unwrap());
 
     // Chunk by chunk: the first event is here while the cloud is still generating, and the
     // request id the client chose is the one the cloud used.

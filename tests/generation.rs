@@ -352,13 +352,7 @@ async fn kserve_infer_generates_from_a_bytes_prompt() {
     let (status, meta) = server.get(&format!("/v2/models/{SMOLLM}")).await;
     assert_eq!(status, 200);
     assert_eq!(meta["inputs"][0]["name"], "text_input");
-    let f = fixture("smollm2_greedy.json");
-    let case = f["completion"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| decisive(c))
-        .expect("a decisive completion in the fixture");
+    let case = decisive_completion();
     let (status, body) = server
         .post(
             &format!("/v2/models/{SMOLLM}/infer"),

@@ -218,13 +218,7 @@ async fn the_edge_reaches_an_https_cloud_through_its_ca_and_refuses_an_untrusted
     assert!(cos >= 0.9999, "cosine to the reference {cos}");
 
     // A stream crosses TLS event by event, and its text is llama.cpp's greedy output.
-    let f = fixture("smollm2_greedy.json");
-    let case = f["completion"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| decisive(c))
-        .expect("a decisive completion case");
+    let case = decisive_completion();
     let r = edge
         .send(
             "/v1/completions",
@@ -235,12 +229,7 @@ async fn the_edge_reaches_an_https_cloud_through_its_ca_and_refuses_an_untrusted
     assert_eq!(r.status(), 200);
     let events = Events::new(r).rest().await;
     assert!(events.len() > 5, "{} events", events.len());
-    assert_eq!(events.last().unwrap(), "[DONE]");
-    let text: String = events[..events.len() - 1]
-        .iter()
-        .map(|e| delta_text(e))
-        .collect();
-    assert_eq!(text, case["greedy_text"].as_str().unwrap());
+    assert_eq!(stream_text(&events), case["greedy_text"].as_str().unwrap());
 
     // An edge that trusts another CA never reaches the cloud: the probe says why, requests
     // get the edge's 503, and no request body reaches a server it cannot authenticate.

@@ -363,6 +363,26 @@ pub fn decisive(case: &serde_json::Value) -> bool {
     margins(case).iter().all(|&m| m >= DECISIVE_MARGIN)
 }
 
+/// The first completion of the llama.cpp fixture whose greedy path never came near a tie.
+pub fn decisive_completion() -> serde_json::Value {
+    fixture("smollm2_greedy.json")["completion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| decisive(c))
+        .expect("a decisive completion case in the fixture")
+        .clone()
+}
+
+/// The text a finished stream carried; it must end with `[DONE]`.
+pub fn stream_text(events: &[String]) -> String {
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| delta_text(e))
+        .collect()
+}
+
 pub fn reference_cases() -> Vec<ReferenceCase> {
     fixture("minilm_embeddings.json")["cases"]
         .as_array()
