@@ -1,4 +1,10 @@
-//! What the load tools share: texts of an exact token count, percentiles, the loopback guard.
+//! What the load tools share: texts of an exact token count, percentiles, the loopback guard;
+//! and the scenario runner behind `ember-loadtest run` (scenario files, results, chart).
+
+pub mod chart;
+pub mod report;
+pub mod runner;
+pub mod scenario;
 
 use anyhow::{bail, Context};
 
@@ -13,13 +19,7 @@ pub fn texts(
     count: usize,
 ) -> anyhow::Result<Vec<String>> {
     let words: Vec<&str> = WORDS.split_whitespace().collect();
-    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state as usize
-    };
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     let mut out = Vec::with_capacity(count);
     let mut attempts = 0;
     while out.len() < count {
@@ -48,6 +48,32 @@ pub fn texts(
     Ok(out)
 }
 
+/// Deterministic texts of `words` common English words each, for a model whose tokenizer is not
+/// at hand (about one token a word in byte-level BPE vocabularies).
+pub fn word_texts(words: usize, count: usize) -> Vec<String> {
+    let vocabulary: Vec<&str> = WORDS.split_whitespace().collect();
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+    (0..count)
+        .map(|_| {
+            (0..words)
+                .map(|_| vocabulary[next() % vocabulary.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+/// A small deterministic generator (xorshift64); `seed` must not be 0.
+pub fn xorshift(seed: u64) -> impl FnMut() -> usize {
+    let mut state = seed.max(1);
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state as usize
+    }
+}
+
 /// The `p` quantile of sorted values (NaN when there are none).
 pub fn quantile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -57,6 +83,8 @@ pub fn quantile(sorted: &[f64], p: f64) -> f64 {
     }
 }
 
+/// Refuses any target but this machine's loopback (benchmarks stay local unless a run opts in
+/// with `--allow-remote`).
 pub fn check_loopback(url: &str) -> anyhow::Result<()> {
     let host = reqwest::Url::parse(url)
         .with_context(|| format!("{url:?}"))?

@@ -1,19 +1,81 @@
-//! ember-loadtest: drives `POST /v1/embeddings` at fixed concurrency levels, each for a bounded
-//! time and request count, and prints throughput and latency percentiles (plus one JSON line).
+//! ember-loadtest: bounded closed-loop load on Ember's HTTP API.
+//!
+//! `ember-loadtest run --scenario FILE --url URL --out DIR` runs a scenario file
+//! (`loadtest/scenarios/*.toml`: embeddings, streamed chat or a weighted mix, at several
+//! concurrency levels, each bounded in time and request count), prints a summary table and writes
+//! `<DIR>/<scenario>.json` and `<DIR>/<scenario>.png` (latency percentiles vs throughput).
+//!
+//! Without a subcommand it is the benchmark driver of the `bench_*.sh` scripts: `POST
+//! /v1/embeddings` at fixed concurrency levels (throughput and latency percentiles, plus one
+//! JSON line), or `--compare` for the latency of several targets taken in turn.
 //!
 //! Texts are generated to an exact token count with the model's own tokenizer, like the peer
-//! client in shared/bench, so both measure the same work. Loopback targets only.
+//! client in shared/bench, so both measure the same work. Loopback targets only, unless `run`
+//! is given `--allow-remote`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::Parser;
-use ember_loadtest::{check_loopback, load_tokenizer, quantile, texts};
+use clap::{Parser, Subcommand};
+use ember_loadtest::runner::{run_scenario, Target};
+use ember_loadtest::scenario::Scenario;
+use ember_loadtest::{check_loopback, load_tokenizer, quantile, report, texts};
 use serde::Serialize;
 
 #[derive(Parser)]
-#[command(about = "Bounded closed-loop load on Ember's /v1/embeddings")]
+#[command(
+    about = "Bounded closed-loop load on Ember: scenario runs (`run`) or the embeddings benchmark",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a scenario file; print a summary table, write <out>/<scenario>.json and .png.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Scenario file, e.g. loadtest/scenarios/embeddings-short.toml.
+    #[arg(long, env = "EMBER_LOADTEST_SCENARIO")]
+    scenario: std::path::PathBuf,
+    /// Server base URL, e.g. http://127.0.0.1:8080 (loopback unless --allow-remote).
+    #[arg(long, env = "EMBER_LOADTEST_URL")]
+    url: String,
+    /// Folder for <scenario>.json and <scenario>.png (created if missing).
+    #[arg(long, env = "EMBER_LOADTEST_OUT", default_value = "target/loadtest")]
+    out: std::path::PathBuf,
+    /// Bearer key for a server with API keys (prefer the environment: a command line is visible
+    /// to other local users).
+    #[arg(long, env = "EMBER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Allow a URL that is not this machine's loopback (a Service from inside its cluster).
+    /// Load only servers you run.
+    #[arg(long, env = "EMBER_LOADTEST_ALLOW_REMOTE")]
+    allow_remote: bool,
+    /// PEM CA certificate(s) an https:// server must chain to (needed for https:// URLs).
+    #[arg(long, env = "EMBER_LOADTEST_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
+    /// Override the scenario's concurrency levels (e.g. 1,4 for a quick run).
+    #[arg(long, value_delimiter = ',', env = "EMBER_LOADTEST_CONCURRENCY")]
+    concurrency: Option<Vec<usize>>,
+    /// Override the scenario's seconds per level.
+    #[arg(long, env = "EMBER_LOADTEST_SECONDS_PER_LEVEL")]
+    seconds_per_level: Option<f64>,
+    /// Override the scenario's most requests per level.
+    #[arg(long, env = "EMBER_LOADTEST_MAX_REQUESTS_PER_LEVEL")]
+    max_requests_per_level: Option<usize>,
+}
+
+#[derive(clap::Args)]
 struct Args {
     /// Server base URL (loopback only), e.g. http://127.0.0.1:8080
     #[arg(long, default_value = "", required_unless_present = "compare")]
@@ -21,8 +83,8 @@ struct Args {
     #[arg(long, default_value = "all-MiniLM-L6-v2")]
     model: String,
     /// tokenizer.json used to make texts of exactly --tokens tokens ([CLS]/[SEP] included).
-    #[arg(long)]
-    tokenizer: std::path::PathBuf,
+    #[arg(long, required = true)]
+    tokenizer: Option<std::path::PathBuf>,
     /// Tokens per text (12 = short, 60 = medium).
     #[arg(long, default_value_t = 12)]
     tokens: usize,
@@ -192,13 +254,66 @@ async fn compare(args: &Args, texts: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `run` subcommand: a scenario file, its table, its JSON and its chart.
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut scenario = Scenario::load(&args.scenario)?;
+    if let Some(c) = args.concurrency {
+        scenario.concurrency = c;
+    }
+    if let Some(s) = args.seconds_per_level {
+        scenario.seconds_per_level = s;
+    }
+    if let Some(m) = args.max_requests_per_level {
+        scenario.max_requests_per_level = m;
+    }
+    scenario
+        .validate()
+        .with_context(|| format!("{} with the overrides", args.scenario.display()))?;
+    let target = Target {
+        url: args.url,
+        api_key: args.api_key,
+        allow_remote: args.allow_remote,
+        ca_cert: args.ca_cert,
+    };
+    println!(
+        "== {} ({}): levels {:?}, {} s or {} requests each, against {}",
+        scenario.name,
+        scenario.description,
+        scenario.concurrency,
+        scenario.seconds_per_level,
+        scenario.max_requests_per_level,
+        target.url
+    );
+    // The header comes with the first row: a run that stops before any level prints no table.
+    let mut header = Some(report::table_header());
+    let results = run_scenario(&scenario, &target, |level| {
+        if let Some(header) = header.take() {
+            println!("{header}");
+        }
+        for row in report::table_rows(level) {
+            println!("{row}");
+        }
+    })
+    .await?;
+    let (json, png) = report::write(&results, &args.out)?;
+    println!("wrote {} and {}", json.display(), png.display());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Run(run_args)) = cli.command {
+        return run(run_args).await;
+    }
+    let args = cli.args;
     if args.compare.is_empty() {
         check_loopback(&args.url)?;
     }
-    let tokenizer = load_tokenizer(&args.tokenizer)?;
+    let Some(tokenizer) = &args.tokenizer else {
+        bail!("--tokenizer is required");
+    };
+    let tokenizer = load_tokenizer(tokenizer)?;
     let texts = Arc::new(texts(&tokenizer, args.tokens, 512)?);
     if !args.compare.is_empty() {
         return compare(&args, &texts).await;
