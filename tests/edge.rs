@@ -85,11 +85,7 @@ async fn the_edge_serves_its_model_and_streams_the_heavy_one_from_the_cloud() {
     // The generator is cloud-tier: forwarded, and its greedy output is llama.cpp's.
     let case = decisive_completion();
     let r = edge
-        .send(
-            "/v1/completions",
-            &json!({"model": SMOLLM, "prompt": case["prompt"], "max_tokens": 24,
-                      "temperature": 0, "stream": true}),
-        )
+        .send("/v1/completions", &greedy_stream_request(&case))
         .await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, SERVED_BY), "cloud");

@@ -220,11 +220,7 @@ async fn the_edge_reaches_an_https_cloud_through_its_ca_and_refuses_an_untrusted
     // A stream crosses TLS event by event, and its text is llama.cpp's greedy output.
     let case = decisive_completion();
     let r = edge
-        .send(
-            "/v1/completions",
-            &json!({"model": SMOLLM, "prompt": case["prompt"], "max_tokens": 24,
-                      "temperature": 0, "stream": true}),
-        )
+        .send("/v1/completions", &greedy_stream_request(&case))
         .await;
     assert_eq!(r.status(), 200);
     let events = Events::new(r).rest().await;

@@ -246,41 +246,35 @@ mod tests {
         assert!(n >= 4, "expected the four shipped scenarios, found {n}");
     }
 
+    fn load_error(text: &str) -> String {
+        load_str(text).unwrap_err().to_string()
+    }
+
     #[test]
     fn unknown_keys_name_the_file_and_the_key() {
-        let e = load_str(&format!("{BASE}secs = 3\n"))
-            .unwrap_err()
-            .to_string();
+        let e = load_error(&format!("{BASE}secs = 3\n"));
         assert!(e.contains(".toml") && e.contains("secs"), "{e}");
-        let e = load_str(&format!(
+        let e = load_error(&format!(
             "{BASE}[[traffic]]\nkind = \"chat\"\nmodel = \"m\"\nprompt_tokens = 8\n\
              max_tokens = 8\nstreem = true\n"
-        ))
-        .unwrap_err()
-        .to_string();
+        ));
         assert!(e.contains("streem"), "{e}");
-        let e = load_str(&format!(
+        let e = load_error(&format!(
             "{BASE}[[traffic]]\nkind = \"audio\"\nmodel = \"m\"\n"
-        ))
-        .unwrap_err()
-        .to_string();
+        ));
         assert!(e.contains("audio"), "{e}");
     }
 
     #[test]
     fn bad_values_name_the_key() {
-        let e = load_str(
+        let e = load_error(
             "concurrency = []\nseconds_per_level = 2\nmax_requests_per_level = 10\n\
              [[traffic]]\nkind = \"chat\"\nmodel = \"m\"\nprompt_tokens = 8\nmax_tokens = 8\n",
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(e.contains("concurrency"), "{e}");
-        let e = load_str(&format!(
+        let e = load_error(&format!(
             "{BASE}[[traffic]]\nkind = \"chat\"\nmodel = \"m\"\nprompt_tokens = 8\nmax_tokens = 1\n"
-        ))
-        .unwrap_err()
-        .to_string();
+        ));
         assert!(e.contains("max_tokens"), "{e}");
     }
 

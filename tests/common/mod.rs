@@ -374,6 +374,12 @@ pub fn decisive_completion() -> serde_json::Value {
         .clone()
 }
 
+/// A greedy, streamed `/v1/completions` request for a fixture case, as long as its reference.
+pub fn greedy_stream_request(case: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"model": SMOLLM, "prompt": case["prompt"], "max_tokens": 24,
+                       "temperature": 0, "stream": true})
+}
+
 /// The text a finished stream carried; it must end with `[DONE]`.
 pub fn stream_text(events: &[String]) -> String {
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
