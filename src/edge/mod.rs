@@ -54,8 +54,6 @@ pub fn app(args: &EdgeArgs, state: &AppState) -> Result<Router, String> {
         url: args.upstream.clone(),
         #[cfg(feature = "tls")]
         ca: args.upstream_ca.clone(),
-        #[cfg(not(feature = "tls"))]
-        ca: None,
         credential: args
             .upstream_api_key
             .as_ref()

@@ -44,6 +44,7 @@ pub fn retry_secs(d: Duration) -> u64 {
 pub struct UpstreamConfig {
     pub url: UpstreamUrl,
     /// PEM CA certificates for an `https://` upstream; `None`: the system's roots.
+    #[cfg(feature = "tls")]
     pub ca: Option<std::path::PathBuf>,
     pub credential: Option<String>,
     pub connect_timeout: Duration,
@@ -119,13 +120,7 @@ fn connector(config: &UpstreamConfig) -> Result<Connector, String> {
                     format!("no usable system CA certificates ({e}); name the upstream's CA with --upstream-ca")
                 })?,
             // A plain-HTTP upstream needs no roots (a host without any must still start).
-            None => builder.with_tls_config(
-                rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| format!("TLS: {e}"))?
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            ),
+            None => builder.with_tls_config(client_config(provider, rustls::RootCertStore::empty())?),
         };
         Ok(builder.https_or_http().enable_http1().wrap_connector(tcp))
     }
@@ -133,7 +128,7 @@ fn connector(config: &UpstreamConfig) -> Result<Connector, String> {
     Ok(tcp)
 }
 
-/// A client configuration that trusts exactly the CA certificates in the PEM file at `path`.
+/// A client configuration that trusts the CA certificates in the PEM file at `path`.
 #[cfg(feature = "tls")]
 fn client_tls(
     path: &std::path::Path,
@@ -152,6 +147,15 @@ fn client_tls(
     if roots.is_empty() {
         return Err(named(&"no PEM certificate in the file"));
     }
+    client_config(provider, roots)
+}
+
+/// A client configuration that trusts exactly `roots`.
+#[cfg(feature = "tls")]
+fn client_config(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    roots: rustls::RootCertStore,
+) -> Result<rustls::ClientConfig, String> {
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?

@@ -18,8 +18,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
-/// How long a refused connection may take to send its request head: hyper's own header read
-/// timeout. A client starved of CPU may need seconds; closing earlier would lose its answer.
+/// How long a refused connection may take to send its request head (hyper's default header
+/// read timeout). A client starved of CPU may need seconds; closing earlier would lose its
+/// answer.
 const REFUSAL_HEAD_WAIT: Duration = Duration::from_secs(30);
 /// Refusals in progress at once. Past that the listener stops accepting, and new connections
 /// wait in the kernel's backlog (as nginx does at its connection limit): refusing cannot use

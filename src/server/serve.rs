@@ -24,7 +24,6 @@ use super::AppState;
 #[cfg(feature = "tls")]
 pub use super::tls::Tls;
 #[cfg(not(feature = "tls"))]
-#[derive(Debug, Clone)]
 pub enum Tls {}
 
 /// Serves on `listener` (over TLS when given) until `shutdown` resolves, then drains:
@@ -44,25 +43,19 @@ pub async fn serve(
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
     });
-    let max = state.limits.max_connections;
     match tls {
-        None => {
-            let listener = connections::Limited::new(listener, max);
-            serve_until(listener, app, state, shutdown, grace).await
-        }
-        // The connection limit sits above TLS: a refusal is an HTTPS answer too.
+        None => serve_until(listener, app, state, shutdown, grace).await,
         #[cfg(feature = "tls")]
-        Some(tls) => {
-            let listener = connections::Limited::new(tls.listener(listener), max);
-            serve_until(listener, app, state, shutdown, grace).await
-        }
+        Some(tls) => serve_until(tls.listener(listener), app, state, shutdown, grace).await,
         #[cfg(not(feature = "tls"))]
         Some(never) => match never {},
     }
 }
 
+/// Serves connections from `listener` under the connection limit, which sits above TLS: a
+/// refusal is an HTTPS answer too.
 async fn serve_until<L>(
-    mut listener: L,
+    listener: L,
     app: Router,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -85,6 +78,7 @@ where
         let _ = drain_tx.send(true);
     });
 
+    let mut listener = connections::Limited::new(listener, state.limits.max_connections);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(state.limits.idle_timeout);

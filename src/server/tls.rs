@@ -21,15 +21,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HANDSHAKES: usize = 512;
 
 /// The server's TLS settings, loaded and checked at start-up.
-#[derive(Clone)]
 pub struct Tls {
     acceptor: TlsAcceptor,
-}
-
-impl std::fmt::Debug for Tls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Tls")
-    }
 }
 
 impl Tls {
