@@ -22,7 +22,7 @@ kube_versions=(1.25.0 1.34.0)
 kube_version=${kube_versions[-1]}
 # The feature sets the project builds, as cargo flags: the CPU cloud image (default features),
 # the lean edge image, the CUDA cloud image.
-built_sets=("" "--no-default-features --features edge,tls" "--features cuda")
+built_sets=("" "--no-default-features --features edge,tls,onnx" "--features cuda")
 test_sh="${EMBER_PACKAGING_TEST_SH:-scripts/test.sh}"
 self_test=1
 case "${1:-}" in

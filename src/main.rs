@@ -176,13 +176,33 @@ async fn run(command: Command, specs: Vec<ModelSpec>, guards: Guards) -> anyhow:
         let name = spec.name.clone();
         let (device, metrics) = (device.clone(), &state.metrics);
         async move {
-            registry::load(spec, device, metrics)
-                .await
-                .map_err(|e| anyhow::anyhow!("model {name}: {e}"))
+            let result = registry::load(spec, device, metrics).await;
+            (name, result)
         }
     });
-    for model in futures::future::try_join_all(loads).await? {
-        state.registry.insert(model);
+    // A model that fails to load is reported and left out; the others serve. Only a
+    // repository where nothing loads stops the server: it would serve nothing.
+    let (mut loaded, mut failed) = (0, 0);
+    for (name, result) in futures::future::join_all(loads).await {
+        match result {
+            Ok(model) => {
+                state.registry.insert(model);
+                loaded += 1;
+            }
+            Err(e) => {
+                tracing::error!(model = %name, "model failed to load, serving the others: {e}");
+                state
+                    .metrics
+                    .model_load_failed
+                    .with_label_values(&[&name])
+                    .set(1);
+                state.registry.insert_failure(&name, e.to_string());
+                failed += 1;
+            }
+        }
+    }
+    if loaded == 0 && failed > 0 {
+        anyhow::bail!("no model could be loaded ({failed} failed; see above)");
     }
     state.health.set_loaded();
     state.metrics.ready.set(i64::from(state.health.is_ready()));

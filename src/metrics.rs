@@ -49,6 +49,7 @@ pub struct Metrics {
     cancelled_items_total: IntCounterVec,
     pub model_load_seconds: prometheus::GaugeVec,
     pub model_parameters: IntGaugeVec,
+    pub model_load_failed: IntGaugeVec,
     pub ready: IntGauge,
     time_to_first_token_seconds: HistogramVec,
     time_per_output_token_seconds: HistogramVec,
@@ -167,9 +168,18 @@ impl Metrics {
                 &["model"],
             )
             .expect("valid gauge"),
+            model_load_failed: IntGaugeVec::new(
+                Opts::new(
+                    "ember_model_load_failed",
+                    "1 for a model of the repository that failed to load (the log says why); \
+                     the server serves the others.",
+                ),
+                &["model"],
+            )
+            .expect("valid gauge"),
             ready: IntGauge::new(
                 "ember_ready",
-                "1 when every model is loaded and the server is not draining.",
+                "1 when loading is over (every model loaded or failed) and the server is not draining.",
             )
             .expect("valid gauge"),
             time_to_first_token_seconds: histogram(
@@ -237,6 +247,7 @@ impl Metrics {
             Box::new(m.cancelled_items_total.clone()),
             Box::new(m.model_load_seconds.clone()),
             Box::new(m.model_parameters.clone()),
+            Box::new(m.model_load_failed.clone()),
             Box::new(m.ready.clone()),
             Box::new(m.time_to_first_token_seconds.clone()),
             Box::new(m.time_per_output_token_seconds.clone()),

@@ -134,6 +134,29 @@ pub struct EmbedOptions {
     pub precision: Precision,
 }
 
+/// Options of tensor models. The inputs and outputs come from the graph; these may narrow a
+/// dynamic dimension (or give the shape of an output the graph leaves open).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TensorOptions {
+    /// Whether NaN and infinite values may be sent in floating-point inputs. Off by default: a
+    /// trained classifier turns them into NaN scores, never into an answer.
+    #[serde(default)]
+    pub allow_non_finite: bool,
+    #[serde(default)]
+    pub inputs: Vec<TensorShapeOverride>,
+    #[serde(default)]
+    pub outputs: Vec<TensorShapeOverride>,
+}
+
+/// The shape of one input or output as served: `-1` for a dimension of any size.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorShapeOverride {
+    pub name: String,
+    pub shape: Vec<i64>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ModelToml {
@@ -145,6 +168,7 @@ struct ModelToml {
     batching: Option<BatchPolicy>,
     embed: Option<EmbedOptions>,
     generate: Option<GeneratePolicy>,
+    tensor: Option<TensorOptions>,
 }
 
 /// One model of the repository, validated.
@@ -160,6 +184,7 @@ pub struct ModelSpec {
     pub batching: BatchPolicy,
     pub embed: EmbedOptions,
     pub generate: GeneratePolicy,
+    pub tensor: TensorOptions,
     /// The `model.toml` this came from, for error messages.
     pub config_file: PathBuf,
 }
@@ -255,8 +280,18 @@ fn parse_spec(
         Task::Generate => [
             ("batching", raw.batching.is_some()),
             ("embed", raw.embed.is_some()),
+            ("tensor", raw.tensor.is_some()),
         ],
-        _ => [("generate", raw.generate.is_some()), ("", false)],
+        Task::Embed => [
+            ("generate", raw.generate.is_some()),
+            ("tensor", raw.tensor.is_some()),
+            ("", false),
+        ],
+        Task::Tensor => [
+            ("generate", raw.generate.is_some()),
+            ("embed", raw.embed.is_some()),
+            ("", false),
+        ],
     };
     if let Some((table, _)) = misplaced.iter().find(|(_, present)| *present) {
         return Err(RepositoryError::invalid(
@@ -273,6 +308,7 @@ fn parse_spec(
         batching: raw.batching.unwrap_or_default(),
         embed: raw.embed.unwrap_or_default(),
         generate: raw.generate.unwrap_or_default(),
+        tensor: raw.tensor.unwrap_or_default(),
         config_file: file.to_path_buf(),
     };
     validate(&spec).map_err(|message| RepositoryError::invalid(file, message))?;
@@ -336,8 +372,23 @@ fn validate(spec: &ModelSpec) -> Result<(), String> {
             return Err(format!("key `{key}` must be at least 1"));
         }
     }
+    for (table, overrides) in [
+        ("tensor.inputs", &spec.tensor.inputs),
+        ("tensor.outputs", &spec.tensor.outputs),
+    ] {
+        for o in overrides {
+            if let Some(bad) = o.shape.iter().find(|&&d| d < -1 || d == 0) {
+                return Err(format!(
+                    "key `{table}`: dimension {bad} of {:?} is not allowed; use -1 (any size) or a size of at least 1",
+                    o.name
+                ));
+            }
+        }
+    }
     match (spec.task, spec.format) {
-        (Task::Embed, Format::Safetensors) | (Task::Generate, Format::Gguf) => Ok(()),
+        (Task::Embed, Format::Safetensors)
+        | (Task::Generate, Format::Gguf)
+        | (Task::Tensor, Format::Onnx) => Ok(()),
         (Task::Embed, other) => Err(format!(
             "key `format`: task \"embed\" needs format \"safetensors\", not {other:?}"
         )
@@ -346,9 +397,10 @@ fn validate(spec: &ModelSpec) -> Result<(), String> {
             "key `format`: task \"generate\" needs format \"gguf\", not {other:?}"
         )
         .to_lowercase()),
-        (task, _) => Err(format!(
-            "key `task`: {task:?} models are not supported by this build yet; supported: \"embed\", \"generate\""
-        )),
+        (Task::Tensor, other) => Err(format!(
+            "key `format`: task \"tensor\" needs format \"onnx\", not {other:?}"
+        )
+        .to_lowercase()),
     }
 }
 

@@ -6,6 +6,7 @@ mod bf16_linear;
 pub mod embed;
 #[cfg(feature = "generate")]
 pub mod generate;
+pub mod tensor;
 
 use std::path::PathBuf;
 

@@ -4,6 +4,8 @@
 pub mod embed;
 #[cfg(feature = "generate")]
 pub mod generate;
+#[cfg(feature = "onnx")]
+pub mod tensor;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -12,6 +14,8 @@ use std::time::Instant;
 pub use embed::{EmbedInput, Embedding, EmbeddingModel};
 #[cfg(feature = "generate")]
 pub use generate::{GenerateParams, Generation, GenerationModel, Prompt};
+#[cfg(feature = "onnx")]
+pub use tensor::TensorModel;
 
 use crate::batching::BatchError;
 use crate::engine::EngineError;
@@ -24,6 +28,8 @@ pub enum LoadedModel {
     Embed(Arc<EmbeddingModel>),
     #[cfg(feature = "generate")]
     Generate(Arc<GenerationModel>),
+    #[cfg(feature = "onnx")]
+    Tensor(Arc<TensorModel>),
 }
 
 impl LoadedModel {
@@ -32,6 +38,8 @@ impl LoadedModel {
             Self::Embed(m) => m.spec(),
             #[cfg(feature = "generate")]
             Self::Generate(m) => m.spec(),
+            #[cfg(feature = "onnx")]
+            Self::Tensor(m) => m.spec(),
         }
     }
 
@@ -41,6 +49,8 @@ impl LoadedModel {
             Self::Embed(m) => m.expected_wait(),
             #[cfg(feature = "generate")]
             Self::Generate(m) => m.expected_wait(),
+            #[cfg(feature = "onnx")]
+            Self::Tensor(m) => m.expected_wait(),
         }
     }
 }
@@ -66,10 +76,12 @@ pub enum ModelError {
     Internal(String),
 }
 
-/// Every model the server knows, by name.
+/// Every model the server knows, by name: the loaded ones, and those that failed to load with
+/// the reason (the server goes on serving the others).
 #[derive(Default)]
 pub struct ModelRegistry {
     models: RwLock<BTreeMap<String, LoadedModel>>,
+    failed: RwLock<BTreeMap<String, String>>,
 }
 
 impl ModelRegistry {
@@ -89,6 +101,22 @@ impl ModelRegistry {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// Why the model of this name failed to load, if it did.
+    pub fn failure(&self, name: &str) -> Option<String> {
+        self.failed
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .cloned()
+    }
+
+    pub fn insert_failure(&self, name: &str, reason: String) {
+        self.failed
+            .write()
+            .expect("registry lock")
+            .insert(name.to_string(), reason);
     }
 
     pub fn insert(&self, model: LoadedModel) {
@@ -145,10 +173,30 @@ pub async fn load(
                 "generation models need a build with the `generate` feature (the default)",
             ))
         }
+        #[cfg(feature = "onnx")]
+        Task::Tensor => {
+            if !device.is_cpu() {
+                tracing::info!(model = %spec.name, "ONNX graphs run on the CPU (candle-onnx keeps constants there)");
+            }
+            let batcher_metrics = metrics.batcher(&spec.name);
+            let (engine, info, spec) = tokio::task::spawn_blocking(move || {
+                crate::engine::tensor::onnx::load(&spec.path, &spec.tensor)
+                    .map(|(e, i)| (e, i, spec))
+            })
+            .await
+            .map_err(|e| EngineError::Device(format!("model loading thread failed: {e}")))??;
+            LoadedModel::Tensor(Arc::new(TensorModel::start(
+                spec,
+                engine,
+                info,
+                batcher_metrics,
+            )?))
+        }
+        #[cfg(not(feature = "onnx"))]
         Task::Tensor => {
             return Err(EngineError::file(
                 &spec.config_file,
-                format!("task {:?} is not supported by this build", spec.task),
+                "tensor models need a build with the `onnx` feature (the default)",
             ))
         }
     };
@@ -168,6 +216,21 @@ pub async fn load(
                 m.info().architecture,
                 m.info().quantization,
                 m.context_length()
+            ),
+        ),
+        #[cfg(feature = "onnx")]
+        LoadedModel::Tensor(m) => (
+            &m.spec().name,
+            m.info().parameters,
+            format!(
+                "ONNX opset {}, {} operators, {}",
+                m.info().opset,
+                m.info().operators,
+                if m.signature().batched {
+                    "batched on dimension 0"
+                } else {
+                    "not batched (fixed dimension 0)"
+                }
             ),
         ),
     };

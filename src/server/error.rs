@@ -57,6 +57,19 @@ impl ApiError {
         .with_param("model")
     }
 
+    /// A model of the repository that failed to load. Retrying soon will not help: the
+    /// operator must fix its files and restart.
+    pub fn model_unavailable(name: &str, reason: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "model_unavailable",
+            format!("model {name:?} failed to load and is not served: {reason}"),
+        )
+        .with_param("model");
+        e.retry_after = Some(60);
+        e
+    }
+
     pub fn draining() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -282,8 +295,12 @@ pub fn body_bytes(
 pub fn parse_json<T: serde::de::DeserializeOwned>(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<T, ApiError> {
-    let body = body_bytes(body)?;
-    serde_json::from_slice(&body).map_err(|e| {
+    parse_json_bytes(&body_bytes(body)?)
+}
+
+/// [`parse_json`] for bytes already read.
+pub fn parse_json_bytes<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
             Category::Data => ApiError::unprocessable(format!("invalid request body: {e}")),

@@ -108,7 +108,7 @@ pub fn test_python() -> PathBuf {
 }
 
 /// A fresh folder name under the system's temp dir, unique within this test run.
-fn temp_repository() -> PathBuf {
+pub fn temp_repository() -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     std::env::temp_dir().join(format!(
         "ember-test-{}-{}",

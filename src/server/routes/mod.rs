@@ -68,7 +68,10 @@ fn lookup(state: &AppState, name: &str) -> Result<LoadedModel, ApiError> {
     state
         .registry
         .get(name)
-        .ok_or_else(|| ApiError::model_not_found(name))
+        .ok_or_else(|| match state.registry.failure(name) {
+            Some(reason) => ApiError::model_unavailable(name, &reason),
+            None => ApiError::model_not_found(name),
+        })
 }
 
 /// The task a model serves, as the API names it.
@@ -77,15 +80,19 @@ fn task_name(model: &LoadedModel) -> &'static str {
         LoadedModel::Embed(_) => "embed",
         #[cfg(feature = "generate")]
         LoadedModel::Generate(_) => "generate",
+        #[cfg(feature = "onnx")]
+        LoadedModel::Tensor(_) => "tensor",
     }
 }
 
 /// A served model asked for the wrong kind of work: say which routes it does serve.
 fn wrong_task(name: &str, model: &LoadedModel) -> ApiError {
     let routes = match model {
-        LoadedModel::Embed(_) => "/v1/embeddings",
+        LoadedModel::Embed(_) => "/v1/embeddings".to_string(),
         #[cfg(feature = "generate")]
-        LoadedModel::Generate(_) => "/v1/chat/completions and /v1/completions",
+        LoadedModel::Generate(_) => "/v1/chat/completions and /v1/completions".to_string(),
+        #[cfg(feature = "onnx")]
+        LoadedModel::Tensor(_) => format!("POST /v2/models/{name}/infer"),
     };
     ApiError::new(
         StatusCode::BAD_REQUEST,
