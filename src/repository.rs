@@ -447,6 +447,33 @@ mod tests {
     }
 
     #[test]
+    fn tensor_options_are_read_and_checked() {
+        let onnx = "task = \"tensor\"\nformat = \"onnx\"\npath = \"model.onnx\"\n";
+        let spec = parse(&format!(
+            "{onnx}[tensor]\nallow_non_finite = true\n[[tensor.inputs]]\nname = \"x\"\nshape = [-1, 3]\n"
+        ))
+        .unwrap();
+        assert!(spec.tensor.allow_non_finite);
+        assert_eq!(spec.tensor.inputs[0].shape, [-1, 3]);
+        let err = parse(&format!(
+            "{onnx}[[tensor.outputs]]\nname = \"y\"\nshape = [-1, 0]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("tensor.outputs") && err.contains("dimension 0"),
+            "{err}"
+        );
+        let err = parse(&format!("{onnx}[tensor]\ncolour = 1\n")).unwrap_err();
+        assert!(err.contains("colour"), "{err}");
+        let err = parse(&format!("{onnx}[embed]\npooling = \"mean\"\n")).unwrap_err();
+        assert!(err.contains("[embed]") && err.contains("tensor"), "{err}");
+        let err = parse(&format!("{MINIMAL}[tensor]\n")).unwrap_err();
+        assert!(err.contains("[tensor]"), "{err}");
+        let err = parse("task = \"tensor\"\nformat = \"gguf\"\npath = \"m\"\n").unwrap_err();
+        assert!(err.contains("onnx"), "{err}");
+    }
+
+    #[test]
     fn precision_is_read_and_checked() {
         let spec = parse(&format!("{MINIMAL}[embed]\nprecision = \"f32\"\n")).unwrap();
         assert_eq!(spec.embed.precision, Precision::F32);

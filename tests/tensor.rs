@@ -34,7 +34,12 @@ fn demo_repository(batching: &str) -> std::path::PathBuf {
             "path = \"model.onnx\"",
             &format!("path = {:?}", onnx.display().to_string()),
         );
-        std::fs::write(to.join("model.toml"), format!("{toml}{batching}")).unwrap();
+        // A `[batching]` given here replaces the model's own.
+        let toml = match toml.split_once("[batching]") {
+            Some((head, _)) if !batching.is_empty() => format!("{head}{batching}"),
+            _ => toml,
+        };
+        std::fs::write(to.join("model.toml"), toml).unwrap();
     }
     dir
 }
