@@ -19,15 +19,8 @@ weights=$PWD/models/all-MiniLM-L6-v2/weights
 out=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
 
-start() { # repo dir, port; sets $server to the pid
-  target/release/ember serve --models "$1" --addr "127.0.0.1:$2" >"$out/serve-$2.log" 2>&1 &
-  server=$!
-  for _ in $(seq 100); do
-    curl -sf "http://127.0.0.1:$2/health/ready" >/dev/null && return
-    sleep 0.1
-  done
-  echo "ember did not start; see $out/serve-$2.log" >&2; exit 1
-}
+# shellcheck source=loadtest/bench_lib.sh
+source loadtest/bench_lib.sh
 
 load() { # port label
   for tokens in 12 60; do

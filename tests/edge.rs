@@ -506,3 +506,74 @@ async fn settings_come_from_a_config_file_and_bad_keys_are_named() {
         "{stderr}"
     );
 }
+
+/// Tensor models at the edge: a small classifier is served where it is, a cloud-tier one is
+/// forwarded, binary tensor data and its header going through both ways untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_edge_serves_a_small_classifier_and_forwards_binary_tensors_of_a_heavy_one() {
+    let repo = temp_repository();
+    add_tensor_model(&repo, "digits-mlp", "");
+    add_tensor_model(&repo, "digits-cnn", "");
+    let cnn_toml = repo.join("digits-cnn").join("model.toml");
+    let toml = std::fs::read_to_string(&cnn_toml).unwrap();
+    std::fs::write(
+        &cnn_toml,
+        toml.replace("tier = \"edge\"", "tier = \"cloud\""),
+    )
+    .unwrap();
+    let cloud = Server::start(&repo, &[]).await;
+    let edge = Server::start_edge(&repo, &cloud.base, &[]).await;
+    wait_for_upstream_models(&edge).await;
+    let fixture = fixture("tensor_outputs.json");
+
+    let mlp = &fixture["models"]["digits-mlp"];
+    let features = &mlp["inputs"]["features"];
+    let r = edge
+        .send(
+            "/v2/models/digits-mlp/infer",
+            &json!({"inputs": [{"name": "features", "shape": features["shape"],
+                                "datatype": "FP32", "data": features["data"]}]}),
+        )
+        .await;
+    assert_eq!(header(&r, SERVED_BY), "edge");
+    let body: Value = r.json().await.unwrap();
+    let got = body["outputs"][0]["data"].as_array().unwrap();
+    let want = mlp["outputs"]["probabilities"]["data"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!((g.as_f64().unwrap() - w.as_f64().unwrap()).abs() <= 1e-4);
+    }
+
+    let cnn = &fixture["models"]["digits-cnn"];
+    let image = &cnn["inputs"]["image"];
+    let payload: Vec<u8> = image["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| (v.as_f64().unwrap() as f32).to_le_bytes())
+        .collect();
+    let head = json!({"inputs": [{"name": "image", "shape": image["shape"], "datatype": "FP32",
+                                  "parameters": {"binary_data_size": payload.len()}}],
+                      "parameters": {"binary_data_output": true}})
+    .to_string();
+    let r = edge
+        .client
+        .post(edge.url("/v2/models/digits-cnn/infer"))
+        .header("inference-header-content-length", head.len())
+        .body([head.as_bytes(), &payload].concat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, SERVED_BY), "cloud");
+    let json_len: usize = header(&r, "inference-header-content-length")
+        .parse()
+        .unwrap();
+    let bytes = r.bytes().await.unwrap();
+    let want = cnn["outputs"]["probabilities"]["data"].as_array().unwrap();
+    assert_eq!(bytes.len() - json_len, want.len() * 4);
+    for (chunk, w) in bytes[json_len..].chunks_exact(4).zip(want) {
+        let g = f32::from_le_bytes(chunk.try_into().unwrap()) as f64;
+        assert!((g - w.as_f64().unwrap()).abs() <= 1e-4);
+    }
+}

@@ -374,10 +374,10 @@ async fn bad_requests_get_clear_errors_in_each_api_shape() {
         ),
         (
             json!({"name": "text", "shape": [1], "datatype": "BYTES", "data": [5]}),
-            "must be strings",
+            "element 0 (5) is not a BYTES value",
         ),
         (
-            json!({"name": "text", "shape": [1, 2, 3], "datatype": "BYTES", "data": ["a"]}),
+            json!({"name": "text", "shape": [1, 2, 3], "datatype": "BYTES", "data": ["a", "b", "c", "d", "e", "f"]}),
             "is not allowed",
         ),
     ] {

@@ -91,3 +91,44 @@ async fn the_embeddings_scenario_writes_its_json_and_its_chart() {
     );
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// The tensor scenario (`loadtest/scenarios/tensor-cnn.toml`) against the real demo CNN, with
+/// JSON bodies and with the binary extension: every request succeeds, and at 8 clients the
+/// server stacks images into shared forward passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tensor_scenario_drives_the_cnn_with_json_and_binary_bodies() {
+    let mut scenario =
+        Scenario::load(&repo_root().join("loadtest/scenarios/tensor-cnn.toml")).unwrap();
+    assert_eq!(scenario.traffic[0].model(), "digits-cnn");
+    scenario.concurrency = vec![8];
+    scenario.seconds_per_level = 1.0;
+    scenario.max_requests_per_level = 300;
+    let repo = temp_repository();
+    add_tensor_model(&repo, "digits-cnn", "");
+    let server = Server::start(&repo, &[]).await;
+    let target = Target {
+        url: server.base.clone(),
+        ..Target::default()
+    };
+    for binary in [false, true] {
+        let Traffic::Tensor { binary: b, .. } = &mut scenario.traffic[0] else {
+            panic!("tensor-cnn is a tensor scenario");
+        };
+        *b = binary;
+        let results = run_scenario(&scenario, &target, |_| {}).await.unwrap();
+        let level = &results.levels[0];
+        assert!(level.requests > 0, "binary {binary}: no request succeeded");
+        assert_eq!(
+            level.error_count(),
+            0,
+            "binary {binary}: {:?}",
+            level.errors
+        );
+    }
+    let metrics = server.metrics().await;
+    let items = metric(&metrics, "ember_batch_size_items_sum{model=\"digits-cnn\"}").unwrap();
+    assert!(
+        items > batches("digits-cnn", &metrics),
+        "8 clients never shared a forward pass"
+    );
+}

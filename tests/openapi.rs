@@ -16,9 +16,10 @@ async fn schemathesis_finds_no_server_error_on_any_route() {
         schemathesis.is_file(),
         "schemathesis is missing beside the test Python: run scripts/setup_test_python.sh"
     );
-    // Both demo models; a short context keeps any generated max_tokens quick to serve.
+    // A demo model of each task; a short context keeps any generated max_tokens quick to serve.
     let models = repository_with(&[(MINILM, "")]);
     add_smollm(&models, "context_length = 128\nmax_total_tokens = 2048");
+    add_tensor_model(&models, "digits-mlp", "");
     let server = Server::start(&models, &["--compute-threads", "2"]).await;
 
     let (status, doc) = server.get("/openapi.json").await;

@@ -20,26 +20,7 @@ const DEMO_MODELS: [&str; 3] = ["digits-cnn", "digits-mlp", "tabular-mlp"];
 fn demo_repository(batching: &str) -> std::path::PathBuf {
     let dir = temp_repository();
     for name in DEMO_MODELS {
-        let from = repo_root().join("models").join(name);
-        let onnx = from.join("model.onnx");
-        assert!(
-            onnx.is_file(),
-            "{} is missing; it is committed, or made by python scripts/make_tensor_models.py",
-            onnx.display()
-        );
-        let to = dir.join(name);
-        std::fs::create_dir_all(&to).unwrap();
-        let toml = std::fs::read_to_string(from.join("model.toml")).unwrap();
-        let toml = toml.replace(
-            "path = \"model.onnx\"",
-            &format!("path = {:?}", onnx.display().to_string()),
-        );
-        // A `[batching]` given here replaces the model's own.
-        let toml = match toml.split_once("[batching]") {
-            Some((head, _)) if !batching.is_empty() => format!("{head}{batching}"),
-            _ => toml,
-        };
-        std::fs::write(to.join("model.toml"), toml).unwrap();
+        add_tensor_model(&dir, name, batching);
     }
     dir
 }

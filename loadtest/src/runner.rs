@@ -32,10 +32,12 @@ pub struct Target {
     pub ca_cert: Option<std::path::PathBuf>,
 }
 
-/// One traffic entry, ready to send: its route and request bodies (JSON, serialised once).
+/// One traffic entry, ready to send: its route and request bodies (serialised once).
 struct Prepared {
     label: String,
-    path: &'static str,
+    path: String,
+    /// Headers of every request besides the scenario's own (content type, binary header length).
+    headers: reqwest::header::HeaderMap,
     bodies: Vec<Vec<u8>>,
     streaming: bool,
     next_body: AtomicUsize,
@@ -158,7 +160,8 @@ fn prepare(traffic: &Traffic) -> anyhow::Result<Prepared> {
                 .collect::<Result<_, _>>()?;
             Prepared {
                 label: traffic.label(),
-                path: "/v1/embeddings",
+                path: "/v1/embeddings".into(),
+                headers: json_headers(),
                 bodies,
                 streaming: false,
                 next_body: AtomicUsize::new(0),
@@ -190,13 +193,91 @@ fn prepare(traffic: &Traffic) -> anyhow::Result<Prepared> {
                 .collect::<Result<_, _>>()?;
             Prepared {
                 label: traffic.label(),
-                path: "/v1/chat/completions",
+                path: "/v1/chat/completions".into(),
+                headers: json_headers(),
                 bodies,
                 streaming: true,
                 next_body: AtomicUsize::new(0),
             }
         }
+        Traffic::Tensor {
+            model,
+            input,
+            shape,
+            rows_per_request,
+            binary,
+            ..
+        } => {
+            let mut random = xorshift(0x5eed);
+            let mut dims = vec![*rows_per_request];
+            dims.extend(shape);
+            let count: usize = dims.iter().product();
+            let mut headers = reqwest::header::HeaderMap::new();
+            let bodies = (0..TENSOR_BODIES)
+                .map(|_| {
+                    let values: Vec<f32> = (0..count)
+                        .map(|_| (random() % 1_000_000) as f32 / 1_000_000.0)
+                        .collect();
+                    let (body, header_length) = tensor_body(input, &dims, &values, *binary);
+                    if let Some(length) = header_length {
+                        headers.insert(HEADER_LENGTH, length.into());
+                    }
+                    body
+                })
+                .collect();
+            let content_type = if *binary {
+                "application/octet-stream"
+            } else {
+                "application/json"
+            };
+            headers.insert(
+                reqwest::header::CONTENT_TYPE,
+                reqwest::header::HeaderValue::from_static(content_type),
+            );
+            Prepared {
+                label: traffic.label(),
+                path: format!("/v2/models/{model}/infer"),
+                headers,
+                bodies,
+                streaming: false,
+                next_body: AtomicUsize::new(0),
+            }
+        }
     })
+}
+
+/// Request bodies made per tensor traffic entry; requests take them in turn.
+const TENSOR_BODIES: usize = 64;
+/// The KServe binary extension's header: the length of the JSON part of the body.
+const HEADER_LENGTH: &str = "inference-header-content-length";
+
+fn json_headers() -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::CONTENT_TYPE,
+        reqwest::header::HeaderValue::from_static("application/json"),
+    );
+    headers
+}
+
+/// A KServe v2 request of one FP32 input: JSON `data`, or (binary) a JSON header followed by the
+/// values little-endian, with the header's length to send as `Inference-Header-Content-Length`.
+fn tensor_body(
+    input: &str,
+    shape: &[usize],
+    values: &[f32],
+    binary: bool,
+) -> (Vec<u8>, Option<usize>) {
+    if !binary {
+        let body = json!({"inputs": [{"name": input, "shape": shape, "datatype": "FP32", "data": values}]});
+        return (body.to_string().into_bytes(), None);
+    }
+    let header = json!({"inputs": [{"name": input, "shape": shape, "datatype": "FP32",
+                                     "parameters": {"binary_data_size": values.len() * 4}}]})
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    (body, Some(header.len()))
 }
 
 /// What every level of a run shares: where to send, how, and what.
@@ -247,7 +328,7 @@ async fn run_level(
                     p.bodies[p.next_body.fetch_add(1, Ordering::Relaxed) % p.bodies.len()].clone();
                 let request = client
                     .post(format!("{}{}", plan.base, p.path))
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .headers(p.headers.clone())
                     .timeout(plan.timeout)
                     .body(body);
                 let outcome = if p.streaming {
@@ -443,6 +524,23 @@ fn summarise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binary_tensor_bodies_are_a_json_header_then_little_endian_floats() {
+        let (body, header) = tensor_body("x", &[1, 2], &[1.5, -2.0], true);
+        let header = header.unwrap();
+        let json: Value = serde_json::from_slice(&body[..header]).unwrap();
+        assert_eq!(json["inputs"][0]["parameters"]["binary_data_size"], 8);
+        assert_eq!(json["inputs"][0]["shape"], json!([1, 2]));
+        assert_eq!(
+            &body[header..],
+            [1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat()
+        );
+        let (body, header) = tensor_body("x", &[1, 2], &[1.5, -2.0], false);
+        assert_eq!(header, None);
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["inputs"][0]["data"], json!([1.5, -2.0]));
+    }
 
     #[test]
     fn pick_follows_the_weights() {

@@ -63,6 +63,29 @@ pub enum Traffic {
         #[serde(default = "one_f64")]
         weight: f64,
     },
+    /// `POST /v2/models/{model}/infer` (KServe v2) with `rows_per_request` rows of random FP32
+    /// values in [0, 1), each of `shape`; as JSON, or with `binary` as the binary tensor data
+    /// extension.
+    Tensor {
+        model: String,
+        /// The input tensor's name.
+        input: String,
+        /// FP32 is the only one made for now.
+        #[serde(default = "fp32")]
+        datatype: String,
+        /// One row's shape, without the batch dimension (`[28, 28, 1]`).
+        shape: Vec<usize>,
+        #[serde(default = "one")]
+        rows_per_request: usize,
+        #[serde(default)]
+        binary: bool,
+        #[serde(default = "one_f64")]
+        weight: f64,
+    },
+}
+
+fn fp32() -> String {
+    "FP32".into()
 }
 
 fn one() -> usize {
@@ -78,18 +101,23 @@ impl Traffic {
         match self {
             Traffic::Embeddings { .. } => "embeddings",
             Traffic::Chat { .. } => "chat",
+            Traffic::Tensor { .. } => "tensor",
         }
     }
 
     pub fn model(&self) -> &str {
         match self {
-            Traffic::Embeddings { model, .. } | Traffic::Chat { model, .. } => model,
+            Traffic::Embeddings { model, .. }
+            | Traffic::Chat { model, .. }
+            | Traffic::Tensor { model, .. } => model,
         }
     }
 
     pub fn weight(&self) -> f64 {
         match self {
-            Traffic::Embeddings { weight, .. } | Traffic::Chat { weight, .. } => *weight,
+            Traffic::Embeddings { weight, .. }
+            | Traffic::Chat { weight, .. }
+            | Traffic::Tensor { weight, .. } => *weight,
         }
     }
 
@@ -113,6 +141,16 @@ impl Traffic {
                 max_tokens,
                 ..
             } => format!("chat {model} {prompt_tokens}+{max_tokens} tok"),
+            Traffic::Tensor {
+                model,
+                shape,
+                rows_per_request,
+                binary,
+                ..
+            } => format!(
+                "tensor {model} {rows_per_request}x{shape:?}{}",
+                if *binary { " binary" } else { "" }
+            ),
         }
     }
 }
@@ -136,6 +174,7 @@ impl Scenario {
             let tokenizer = match traffic {
                 Traffic::Embeddings { tokenizer, .. } => Some(tokenizer),
                 Traffic::Chat { tokenizer, .. } => tokenizer.as_mut(),
+                Traffic::Tensor { .. } => None,
             };
             if let Some(t) = tokenizer {
                 if t.is_relative() {
@@ -211,6 +250,28 @@ impl Scenario {
                         bail!("traffic[{i}].max_tokens: at least 2");
                     }
                 }
+                Traffic::Tensor {
+                    input,
+                    datatype,
+                    shape,
+                    rows_per_request,
+                    ..
+                } => {
+                    if input.is_empty() {
+                        bail!("traffic[{i}].input: the input tensor's name");
+                    }
+                    if datatype != "FP32" {
+                        bail!("traffic[{i}].datatype: only \"FP32\" is made, not {datatype:?}");
+                    }
+                    if shape.contains(&0) || shape.iter().product::<usize>() > 1 << 24 {
+                        bail!(
+                            "traffic[{i}].shape: dimensions of at least 1, at most 2^24 elements"
+                        );
+                    }
+                    if *rows_per_request == 0 {
+                        bail!("traffic[{i}].rows_per_request: at least 1");
+                    }
+                }
             }
         }
         Ok(())
@@ -243,7 +304,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert!(n >= 4, "expected the four shipped scenarios, found {n}");
+        assert!(n >= 5, "expected the five shipped scenarios, found {n}");
     }
 
     fn load_error(text: &str) -> String {
@@ -276,6 +337,24 @@ mod tests {
             "{BASE}[[traffic]]\nkind = \"chat\"\nmodel = \"m\"\nprompt_tokens = 8\nmax_tokens = 1\n"
         ));
         assert!(e.contains("max_tokens"), "{e}");
+    }
+
+    #[test]
+    fn tensor_traffic_is_read_and_checked() {
+        let tensor = "[[traffic]]\nkind = \"tensor\"\nmodel = \"m\"\ninput = \"image\"\n";
+        let s = load_str(&format!(
+            "{BASE}{tensor}shape = [28, 28, 1]\nbinary = true\n"
+        ))
+        .unwrap();
+        assert_eq!(s.traffic[0].label(), "tensor m 1x[28, 28, 1] binary");
+        let e = load_error(&format!("{BASE}{tensor}shape = [28, 0]\n"));
+        assert!(e.contains("traffic[0].shape"), "{e}");
+        let e = load_error(&format!("{BASE}{tensor}shape = [4]\ndatatype = \"INT8\"\n"));
+        assert!(e.contains("traffic[0].datatype"), "{e}");
+        let e = load_error(&format!(
+            "{BASE}{tensor}shape = [4]\nrows_per_request = 0\n"
+        ));
+        assert!(e.contains("rows_per_request"), "{e}");
     }
 
     #[test]

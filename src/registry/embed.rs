@@ -42,9 +42,7 @@ impl EmbeddingModel {
         metrics: BatcherMetrics,
     ) -> Result<Self, EngineError> {
         let info = embedder.info().clone();
-        let engines = vec![embedder; spec.batching.instances];
-        let batcher = Batcher::spawn(&spec.name, engines, spec.batching, metrics)
-            .map_err(|e| EngineError::Device(format!("cannot start compute thread: {e}")))?;
+        let batcher = super::start_batcher(&spec, embedder, metrics)?;
         Ok(Self {
             spec,
             info,

@@ -17,9 +17,9 @@ pub use generate::{GenerateParams, Generation, GenerationModel, Prompt};
 #[cfg(feature = "onnx")]
 pub use tensor::TensorModel;
 
-use crate::batching::BatchError;
+use crate::batching::{BatchEngine, BatchError, Batcher};
 use crate::engine::EngineError;
-use crate::metrics::Metrics;
+use crate::metrics::{BatcherMetrics, Metrics};
 use crate::repository::{ModelSpec, Task};
 
 /// A loaded model of one of the supported families; cloning shares it.
@@ -128,6 +128,27 @@ impl ModelRegistry {
     }
 }
 
+/// Runs model loading (file reads, decoding, a trial run) on the blocking pool, off the runtime.
+async fn off_runtime<T: Send + 'static>(
+    load: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(load)
+        .await
+        .map_err(|e| EngineError::Device(format!("model loading thread failed: {e}")))?
+}
+
+/// Starts a model's batcher: one compute thread per instance, each with a clone of the engine
+/// (clones share the weights).
+fn start_batcher<E: BatchEngine + Clone>(
+    spec: &ModelSpec,
+    engine: E,
+    metrics: BatcherMetrics,
+) -> Result<Batcher<E>, EngineError> {
+    let engines = vec![engine; spec.batching.instances];
+    Batcher::spawn(&spec.name, engines, spec.batching, metrics)
+        .map_err(|e| EngineError::Device(format!("cannot start compute thread: {e}")))
+}
+
 /// Loads one model: weights on a blocking thread, then its batcher on the current runtime.
 /// Logs and records the load time and parameter count.
 pub async fn load(
@@ -139,12 +160,11 @@ pub async fn load(
     let model = match spec.task {
         Task::Embed => {
             let batcher_metrics = metrics.batcher(&spec.name);
-            let (embedder, tokenizer, spec) = tokio::task::spawn_blocking(move || {
+            let (embedder, tokenizer, spec) = off_runtime(move || {
                 crate::engine::embed::load(&spec.path, &spec.embed, &device)
                     .map(|(e, t)| (e, t, spec))
             })
-            .await
-            .map_err(|e| EngineError::Device(format!("model loading thread failed: {e}")))??;
+            .await?;
             LoadedModel::Embed(Arc::new(EmbeddingModel::start(
                 spec,
                 embedder,
@@ -155,11 +175,10 @@ pub async fn load(
         #[cfg(feature = "generate")]
         Task::Generate => {
             let generate_metrics = metrics.generate(&spec.name);
-            let (generator, spec) = tokio::task::spawn_blocking(move || {
+            let (generator, spec) = off_runtime(move || {
                 crate::engine::generate::load(&spec.path, &device).map(|g| (g, spec))
             })
-            .await
-            .map_err(|e| EngineError::Device(format!("model loading thread failed: {e}")))??;
+            .await?;
             LoadedModel::Generate(Arc::new(GenerationModel::start(
                 spec,
                 generator,
@@ -179,12 +198,11 @@ pub async fn load(
                 tracing::info!(model = %spec.name, "ONNX graphs run on the CPU (candle-onnx keeps constants there)");
             }
             let batcher_metrics = metrics.batcher(&spec.name);
-            let (engine, info, spec) = tokio::task::spawn_blocking(move || {
+            let (engine, info, spec) = off_runtime(move || {
                 crate::engine::tensor::onnx::load(&spec.path, &spec.tensor)
                     .map(|(e, i)| (e, i, spec))
             })
-            .await
-            .map_err(|e| EngineError::Device(format!("model loading thread failed: {e}")))??;
+            .await?;
             LoadedModel::Tensor(Arc::new(TensorModel::start(
                 spec,
                 engine,

@@ -25,9 +25,7 @@ impl TensorModel {
         metrics: BatcherMetrics,
     ) -> Result<Self, EngineError> {
         let signature = engine.signature().clone();
-        let engines = vec![engine; spec.batching.instances];
-        let batcher = Batcher::spawn(&spec.name, engines, spec.batching, metrics)
-            .map_err(|e| EngineError::Device(format!("cannot start compute thread: {e}")))?;
+        let batcher = super::start_batcher(&spec, engine, metrics)?;
         Ok(Self {
             spec,
             info,

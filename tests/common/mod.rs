@@ -62,6 +62,30 @@ pub fn repository_with(models: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
+/// Adds a committed demo tensor model (`models/<name>`) to a repository; a `[batching]` table
+/// given here replaces the model's own.
+pub fn add_tensor_model(dir: &Path, name: &str, batching: &str) {
+    let from = repo_root().join("models").join(name);
+    let onnx = from.join("model.onnx");
+    assert!(
+        onnx.is_file(),
+        "{} is missing: it is committed (scripts/make_tensor_models.py makes it)",
+        onnx.display()
+    );
+    let toml = std::fs::read_to_string(from.join("model.toml")).unwrap();
+    let toml = toml.replace(
+        "path = \"model.onnx\"",
+        &format!("path = {:?}", onnx.display().to_string()),
+    );
+    let toml = match toml.split_once("[batching]") {
+        Some((head, _)) if !batching.is_empty() => format!("{head}{batching}"),
+        _ => toml,
+    };
+    let to = dir.join(name);
+    std::fs::create_dir_all(&to).unwrap();
+    std::fs::write(to.join("model.toml"), toml).unwrap();
+}
+
 /// A throw-away model repository holding the demo generation model with this `[generate]`
 /// table (TOML lines), pointing at the real GGUF.
 pub fn smollm_repository(generate_table: &str) -> PathBuf {
