@@ -30,7 +30,10 @@ repo() { # dir, max_batch_size: a repository with only digits-cnn
 scenario() { # binary (true|false): the shipped scenario at this run's length
   sed -e "s|^seconds_per_level .*|seconds_per_level = $secs|" loadtest/scenarios/tensor-cnn.toml \
     >"$out/tensor-cnn.toml"
-  [[ $1 == true ]] && echo "binary = true" >>"$out/tensor-cnn.toml"
+  if [[ $1 == true ]]; then
+    sed -i 's|(JSON)|(binary tensor data)|' "$out/tensor-cnn.toml"
+    echo "binary = true" >>"$out/tensor-cnn.toml"
+  fi
   echo "$out/tensor-cnn.toml"
 }
 
