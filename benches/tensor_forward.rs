@@ -10,8 +10,10 @@ use ember::engine::tensor::{HostTensor, TensorData};
 use ember::repository::TensorOptions;
 
 fn main() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits-cnn/model.onnx");
-    let (mut engine, _) = ember::engine::tensor::onnx::load(&path, &TensorOptions::default()).unwrap();
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits-cnn/model.onnx");
+    let (mut engine, _) =
+        ember::engine::tensor::onnx::load(&path, &TensorOptions::default()).unwrap();
     let sizes = std::env::var("EMBER_BENCH_BATCHES").unwrap_or_else(|_| "1,8,32".into());
     println!("{:>6} {:>10} {:>10}", "batch", "median ms", "images/s");
     for n in sizes.split(',').map(|s| s.parse::<usize>().unwrap()) {

@@ -109,7 +109,7 @@ pub struct ServeArgs {
     #[arg(long, env = "EMBER_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=(1 << 30)))]
     pub max_body_bytes: u64,
 
-    /// Most inputs in one embeddings request; more get 413.
+    /// Most inputs in one request (texts to embed, rows of a tensor request); more get 413.
     #[arg(long, env = "EMBER_MAX_INPUTS", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_inputs: u64,
 

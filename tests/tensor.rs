@@ -730,3 +730,68 @@ async fn other_datatypes_and_a_fixed_batch_dimension() {
         "{err}"
     );
 }
+
+/// A residual block: a value made before a convolution is read after it, and is an output too.
+/// (Ember runs convolutions itself and hands the rest of the graph to candle-onnx in pieces.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_convolution_with_a_skip_connection() {
+    let mut conv = node("Conv", &["r", "w", "b"], &["c"]);
+    conv.attribute.push(onnx::AttributeProto {
+        name: "pads".into(),
+        ints: vec![1, 1, 1, 1],
+        r#type: onnx::attribute_proto::AttributeType::Ints as i32,
+        ..Default::default()
+    });
+    let kernel: Vec<f32> = (0..18).map(|i| (i as f32 - 8.0) * 0.125).collect();
+    let bias = vec![0.5f32, -0.25];
+    let graph = graph_bytes(
+        vec![
+            node("Relu", &["x"], &["r"]),
+            conv,
+            node("Add", &["c", "r"], &["y"]),
+        ],
+        vec![value("x", Onnx::Float, &[-1, 1, 4, 4])],
+        vec![
+            value("y", Onnx::Float, &[-1, 2, 4, 4]),
+            value("r", Onnx::Float, &[-1, 1, 4, 4]),
+        ],
+        vec![
+            weights("w", &[2, 1, 3, 3], kernel.clone()),
+            weights("b", &[2], bias.clone()),
+        ],
+    );
+    let repo = temp_repository();
+    add_model(&repo, "residual", graph, "");
+    let server = Server::start(&repo, &[]).await;
+
+    let x: Vec<f32> = (0..32).map(|i| ((i * 7) % 11) as f32 * 0.5 - 2.0).collect();
+    let (status, out) = server
+        .post("/v2/models/residual/infer", json!({"inputs": [{"name": "x", "shape": [2, 1, 4, 4], "datatype": "FP32", "data": x}]}))
+        .await;
+    assert_eq!(status, 200, "{out}");
+    // By hand: r = relu(x); y[f] = conv(r, w[f]) + b[f] + r (r broadcast over the 2 filters).
+    let r: Vec<f64> = x.iter().map(|&v| v.max(0.0) as f64).collect();
+    let mut y = Vec::new();
+    for img in 0..2 {
+        for f in 0..2 {
+            for oy in 0..4i64 {
+                for ox in 0..4i64 {
+                    let mut sum = bias[f] as f64;
+                    for ky in 0..3i64 {
+                        for kx in 0..3i64 {
+                            let (iy, ix) = (oy + ky - 1, ox + kx - 1);
+                            if (0..4).contains(&iy) && (0..4).contains(&ix) {
+                                let k = kernel[f * 9 + (ky * 3 + kx) as usize] as f64;
+                                sum += k * r[img * 16 + (iy * 4 + ix) as usize];
+                            }
+                        }
+                    }
+                    y.push(sum + r[img * 16 + (oy * 4 + ox) as usize]);
+                }
+            }
+        }
+    }
+    assert_eq!(output(&out, "y")["shape"], json!([2, 2, 4, 4]));
+    assert!(max_diff(&output(&out, "y")["data"], &Value::from(y)) < 1e-5);
+    assert!(max_diff(&output(&out, "r")["data"], &Value::from(r)) < 1e-7);
+}

@@ -3,6 +3,8 @@
 //! The ONNX engine that computes them is in [`onnx`].
 
 #[cfg(feature = "onnx")]
+mod conv;
+#[cfg(feature = "onnx")]
 pub mod onnx;
 
 use half::{bf16, f16};
