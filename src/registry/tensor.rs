@@ -3,7 +3,8 @@
 
 use super::ModelError;
 use crate::batching::Batcher;
-use crate::engine::tensor::onnx::{OnnxEngine, Signature, TensorInfo, TensorSpec};
+use crate::engine::tensor::onnx::{OnnxEngine, TensorInfo};
+use crate::engine::tensor::signature::{Signature, TensorSpec};
 use crate::engine::tensor::HostTensor;
 use crate::engine::EngineError;
 use crate::metrics::BatcherMetrics;

@@ -1,11 +1,16 @@
 //! Tensors on the host, as requests carry them and tensor models take and give them: a shape and
 //! one typed, row-major buffer. Row 0..n is dimension 0, the dimension requests are batched on.
-//! The ONNX engine that computes them is in [`onnx`].
+//! The ONNX engine that computes them is in [`onnx`]: [`signature`] reads what a graph takes and
+//! gives, `plan` cuts it into steps, `conv` runs its convolutions.
 
 #[cfg(feature = "onnx")]
 mod conv;
 #[cfg(feature = "onnx")]
 pub mod onnx;
+#[cfg(feature = "onnx")]
+mod plan;
+#[cfg(feature = "onnx")]
+pub mod signature;
 
 use half::{bf16, f16};
 

@@ -10,116 +10,29 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use candle_onnx::onnx::{self, tensor_proto::DataType as OnnxType};
+use candle_onnx::onnx;
 
-use super::conv::Conv2d;
+use super::plan::{steps, Step};
+use super::signature::{signature, Signature};
 use super::{DataType, HostTensor, TensorData};
 use crate::batching::BatchEngine;
 use crate::engine::EngineError;
-use crate::repository::{TensorOptions, TensorShapeOverride};
+use crate::repository::TensorOptions;
 
 /// The operators candle-onnx 0.11.1 evaluates (its `simple_eval` match arms), in the default
 /// domain. Checked at load so a model fails then, naming the operator, not on its first request.
+#[rustfmt::skip]
 const SUPPORTED_OPS: &[&str] = &[
-    "Abs",
-    "Add",
-    "And",
-    "ArgMax",
-    "ArgMin",
-    "AveragePool",
-    "BatchNormalization",
-    "Cast",
-    "Ceil",
-    "Clip",
-    "Concat",
-    "Constant",
-    "ConstantOfShape",
-    "Conv",
-    "Cos",
-    "CumSum",
-    "Div",
-    "Dropout",
-    "Equal",
-    "Erf",
-    "Exp",
-    "Expand",
-    "Flatten",
-    "Floor",
-    "Gather",
-    "GatherElements",
-    "Gelu",
-    "Gemm",
-    "Greater",
-    "GreaterOrEqual",
-    "HardSwish",
-    "Identity",
-    "If",
-    "LSTM",
-    "LeakyRelu",
-    "Less",
-    "LessOrEqual",
-    "Log",
-    "LogSoftmax",
-    "MatMul",
-    "MaxPool",
-    "Min",
-    "Mul",
-    "Neg",
-    "Not",
-    "OneHot",
-    "Or",
-    "PRelu",
-    "Pad",
-    "Pow",
-    "RNN",
-    "Range",
-    "ReduceMax",
-    "ReduceMean",
-    "ReduceMin",
-    "ReduceSum",
-    "Relu",
-    "Reshape",
-    "Resize",
-    "ScatterND",
-    "Selu",
-    "Shape",
-    "Sigmoid",
-    "Sign",
-    "Sin",
-    "Size",
-    "Slice",
-    "Softmax",
-    "Split",
-    "Sqrt",
-    "Squeeze",
-    "Sub",
-    "Tanh",
-    "Tile",
-    "Transpose",
-    "Trilu",
-    "Unsqueeze",
-    "Where",
-    "Xor",
+    "Abs", "Add", "And", "ArgMax", "ArgMin", "AveragePool", "BatchNormalization", "Cast", "Ceil",
+    "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "Cos", "CumSum", "Div", "Dropout",
+    "Equal", "Erf", "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "Gelu", "Gemm",
+    "Greater", "GreaterOrEqual", "HardSwish", "Identity", "If", "LSTM", "LeakyRelu", "Less",
+    "LessOrEqual", "Log", "LogSoftmax", "MatMul", "MaxPool", "Min", "Mul", "Neg", "Not", "OneHot",
+    "Or", "PRelu", "Pad", "Pow", "RNN", "Range", "ReduceMax", "ReduceMean", "ReduceMin",
+    "ReduceSum", "Relu", "Reshape", "Resize", "ScatterND", "Selu", "Shape", "Sigmoid", "Sign",
+    "Sin", "Size", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile",
+    "Transpose", "Trilu", "Unsqueeze", "Where", "Xor",
 ];
-
-/// One input or output as served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorSpec {
-    pub name: String,
-    pub datatype: DataType,
-    /// `-1` for a dimension of any size.
-    pub shape: Vec<i64>,
-}
-
-/// What a tensor model takes and gives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Signature {
-    pub inputs: Vec<TensorSpec>,
-    pub outputs: Vec<TensorSpec>,
-    /// Dimension 0 of every input and output is the batch: requests are stacked along it.
-    /// Otherwise each request runs alone with exactly the declared shapes.
-    pub batched: bool,
-}
 
 /// What the load log and `/metrics` report.
 #[derive(Debug, Clone)]
@@ -135,23 +48,6 @@ struct Graph {
     /// Initializers decoded once; candle-onnx would decode them again on every run.
     weights: HashMap<String, Tensor>,
     signature: Signature,
-}
-
-/// A run of nodes evaluated together.
-enum Step {
-    /// Nodes candle-onnx evaluates, as a graph of their own (no initializers: the weights come
-    /// in with the values).
-    Candle {
-        model: Box<onnx::ModelProto>,
-        /// The values its nodes read that come from before it.
-        inputs: Vec<String>,
-    },
-    /// A convolution Ember's own kernel runs.
-    Conv {
-        conv: Conv2d,
-        input: String,
-        output: String,
-    },
 }
 
 /// A loaded graph; clones share it (one per batching instance).
@@ -321,111 +217,6 @@ impl OnnxEngine {
     }
 }
 
-/// Cuts the graph's nodes into steps: each Conv that [`Conv2d`] covers runs on its own, every
-/// run of other nodes as a graph candle-onnx evaluates, handed the values it reads and giving
-/// back the values later steps (or the outputs) read. A graph with subgraphs (`If`) stays one
-/// step: its branches read values from the enclosing scope.
-fn steps(mut model: onnx::ModelProto, weights: &HashMap<String, Tensor>) -> Vec<Step> {
-    let Some(graph) = model.graph.as_mut() else {
-        return Vec::new();
-    };
-    let whole = |model: onnx::ModelProto| {
-        let inputs = model
-            .graph
-            .iter()
-            .flat_map(|g| &g.input)
-            .map(|v| v.name.clone());
-        let inputs = inputs.chain(weights.keys().cloned()).collect();
-        vec![Step::Candle {
-            model: Box::new(model),
-            inputs,
-        }]
-    };
-    let has_subgraphs = graph.node.iter().any(|n| {
-        n.attribute
-            .iter()
-            .any(|a| a.g.is_some() || !a.graphs.is_empty())
-    });
-    let convs: Vec<Option<Conv2d>> = graph
-        .node
-        .iter()
-        .map(|n| {
-            (n.op_type == "Conv")
-                .then(|| Conv2d::from_node(n, weights))
-                .flatten()
-        })
-        .collect();
-    if has_subgraphs || convs.iter().all(Option::is_none) {
-        return whole(model);
-    }
-    let nodes = std::mem::take(&mut graph.node);
-    let outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
-    // What each node reads, to know which values a run must hand on.
-    let reads: Vec<Vec<String>> = nodes
-        .iter()
-        .map(|n| n.input.iter().filter(|i| !i.is_empty()).cloned().collect())
-        .collect();
-    let mut steps = Vec::new();
-    let mut run: Vec<onnx::NodeProto> = Vec::new();
-    let flush = |run: &mut Vec<onnx::NodeProto>, steps: &mut Vec<Step>, next: usize| {
-        if run.is_empty() {
-            return;
-        }
-        let produced: Vec<&String> = run.iter().flat_map(|n| &n.output).collect();
-        let mut inputs: Vec<String> = Vec::new();
-        let mut made: Vec<&String> = Vec::new();
-        for node in run.iter() {
-            for name in node.input.iter().filter(|i| !i.is_empty()) {
-                if !made.contains(&name) && !inputs.contains(name) {
-                    inputs.push(name.clone());
-                }
-            }
-            made.extend(&node.output);
-        }
-        let needed_later = |name: &String| {
-            outputs.contains(name) || reads[next..].iter().any(|r| r.contains(name))
-        };
-        let value = |name: &String| onnx::ValueInfoProto {
-            name: name.clone(),
-            ..Default::default()
-        };
-        let output = produced
-            .into_iter()
-            .filter(|n| needed_later(n))
-            .map(value)
-            .collect();
-        let graph = onnx::GraphProto {
-            node: std::mem::take(run),
-            input: inputs.iter().map(value).collect(),
-            output,
-            ..Default::default()
-        };
-        steps.push(Step::Candle {
-            model: Box::new(onnx::ModelProto {
-                graph: Some(graph),
-                ..Default::default()
-            }),
-            inputs,
-        });
-    };
-    for (i, (node, conv)) in nodes.into_iter().zip(convs).enumerate() {
-        match conv {
-            Some(conv) => {
-                flush(&mut run, &mut steps, i);
-                steps.push(Step::Conv {
-                    conv,
-                    input: node.input[0].clone(),
-                    output: node.output[0].clone(),
-                });
-            }
-            None => run.push(node),
-        }
-    }
-    let end = reads.len();
-    flush(&mut run, &mut steps, end);
-    steps
-}
-
 impl BatchEngine for OnnxEngine {
     /// One request's tensors, one per input in signature order; all share dimension 0.
     type Input = Vec<HostTensor>;
@@ -526,166 +317,6 @@ fn check_operators(graph: &onnx::GraphProto) -> Result<(), String> {
         if bad.len() == 1 { "" } else { "s" },
         bad.join(", ")
     ))
-}
-
-/// The served inputs (graph inputs that are not initializers) and outputs, with `model.toml`'s
-/// narrowing applied.
-fn signature(
-    graph: &onnx::GraphProto,
-    weights: &HashMap<String, Tensor>,
-    options: &TensorOptions,
-) -> Result<Signature, String> {
-    let mut inputs = Vec::new();
-    for value in graph
-        .input
-        .iter()
-        .filter(|v| !weights.contains_key(&v.name))
-    {
-        let (elem, shape) = tensor_type(value)?;
-        let datatype = input_datatype(elem).ok_or_else(|| {
-            format!(
-                "input {:?} is of ONNX type {}, which candle-onnx cannot take as an input \
-                 (it takes FLOAT, DOUBLE, FLOAT16, INT64, UINT8, UINT32 and BOOL)",
-                value.name,
-                onnx_type_name(elem)
-            )
-        })?;
-        let shape = shape.ok_or_else(|| {
-            format!(
-                "input {:?} has no shape in the graph; give one under [[tensor.inputs]] in model.toml",
-                value.name
-            )
-        })?;
-        inputs.push(TensorSpec {
-            name: value.name.clone(),
-            datatype,
-            shape,
-        });
-    }
-    if inputs.is_empty() {
-        return Err("the graph has no inputs to serve".into());
-    }
-    let mut outputs = Vec::new();
-    for value in &graph.output {
-        let (elem, shape) = tensor_type(value)?;
-        let datatype = output_datatype(elem).ok_or_else(|| {
-            format!(
-                "output {:?} is of ONNX type {}, which this server cannot return",
-                value.name,
-                onnx_type_name(elem)
-            )
-        })?;
-        outputs.push(TensorSpec {
-            name: value.name.clone(),
-            datatype,
-            // Empty: unknown until the trial run computes it.
-            shape: shape.unwrap_or_default(),
-        });
-    }
-    narrow(&mut inputs, &options.inputs, "tensor.inputs")?;
-    narrow(&mut outputs, &options.outputs, "tensor.outputs")?;
-    let batch_dim_open = |t: &TensorSpec| t.shape.first() == Some(&-1);
-    let batched = inputs.iter().all(batch_dim_open)
-        && outputs
-            .iter()
-            .all(|t| t.shape.is_empty() || batch_dim_open(t));
-    Ok(Signature {
-        inputs,
-        outputs,
-        batched,
-    })
-}
-
-/// Applies `model.toml`'s shapes: same rank, and a dimension the graph fixes stays fixed.
-fn narrow(
-    specs: &mut [TensorSpec],
-    overrides: &[TensorShapeOverride],
-    key: &str,
-) -> Result<(), String> {
-    let names = specs
-        .iter()
-        .map(|s| format!("{:?}", s.name))
-        .collect::<Vec<_>>()
-        .join(", ");
-    for o in overrides {
-        let Some(spec) = specs.iter_mut().find(|s| s.name == o.name) else {
-            return Err(format!(
-                "model.toml `{key}` names {:?}, which the graph does not have; it has {names}",
-                o.name
-            ));
-        };
-        if !spec.shape.is_empty() {
-            if spec.shape.len() != o.shape.len() {
-                return Err(format!(
-                    "model.toml `{key}` gives {:?} the shape {:?}, of rank {}; the graph's is {:?}",
-                    o.name,
-                    o.shape,
-                    o.shape.len(),
-                    spec.shape
-                ));
-            }
-            if let Some(i) =
-                (0..o.shape.len()).find(|&i| spec.shape[i] != -1 && spec.shape[i] != o.shape[i])
-            {
-                return Err(format!(
-                    "model.toml `{key}` gives {:?} the shape {:?}, but the graph fixes dimension \
-                     {i} at {}",
-                    o.name, o.shape, spec.shape[i]
-                ));
-            }
-        }
-        spec.shape = o.shape.clone();
-    }
-    Ok(())
-}
-
-/// The element type and shape (`-1` for open dimensions; `None` if the graph gives none).
-fn tensor_type(value: &onnx::ValueInfoProto) -> Result<(i32, Option<Vec<i64>>), String> {
-    use onnx::tensor_shape_proto::dimension::Value as Dim;
-    use onnx::type_proto::Value;
-    let Some(Value::TensorType(tensor)) = value.r#type.as_ref().and_then(|t| t.value.as_ref())
-    else {
-        return Err(format!(
-            "{:?} is not a tensor (sequences, maps and optionals are not served)",
-            value.name
-        ));
-    };
-    let shape = tensor.shape.as_ref().map(|s| {
-        s.dim
-            .iter()
-            .map(|d| match d.value {
-                Some(Dim::DimValue(v)) if v > 0 => v,
-                _ => -1,
-            })
-            .collect()
-    });
-    Ok((tensor.elem_type, shape))
-}
-
-fn input_datatype(elem: i32) -> Option<DataType> {
-    Some(match OnnxType::try_from(elem).ok()? {
-        OnnxType::Float => DataType::F32,
-        OnnxType::Double => DataType::F64,
-        OnnxType::Float16 => DataType::F16,
-        OnnxType::Int64 => DataType::I64,
-        OnnxType::Uint8 => DataType::U8,
-        OnnxType::Uint32 => DataType::U32,
-        OnnxType::Bool => DataType::Bool,
-        _ => return None,
-    })
-}
-
-fn output_datatype(elem: i32) -> Option<DataType> {
-    Some(match OnnxType::try_from(elem).ok()? {
-        OnnxType::Bfloat16 => DataType::Bf16,
-        OnnxType::Int32 => DataType::I32,
-        OnnxType::Int16 => DataType::I16,
-        _ => return input_datatype(elem),
-    })
-}
-
-fn onnx_type_name(elem: i32) -> String {
-    OnnxType::try_from(elem).map_or_else(|_| format!("#{elem}"), |t| t.as_str_name().to_string())
 }
 
 fn zeros_of(datatype: DataType, shape: Vec<usize>) -> Result<HostTensor, String> {

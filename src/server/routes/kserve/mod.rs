@@ -136,7 +136,7 @@ async fn model_metadata(
         ),
         #[cfg(feature = "onnx")]
         LoadedModel::Tensor(m) => {
-            let list = |specs: &[crate::engine::tensor::onnx::TensorSpec]| {
+            let list = |specs: &[crate::engine::tensor::signature::TensorSpec]| {
                 specs
                     .iter()
                     .map(|t| TensorMetadata::new(&t.name, t.datatype.name(), t.shape.clone()))
