@@ -312,6 +312,17 @@ async fn bad_tensor_inputs_are_refused_with_what_is_wrong() {
         ),
         (
             json!({"inputs": [{"name": "features", "shape": [1, 64], "datatype": "FP32", "data": zeros(64)}],
+                "outputs": [{"name": "probabilities"}, {"name": "probabilities"}]}),
+            &["output \"probabilities\" is asked for twice"],
+        ),
+        (
+            json!({"inputs": [
+                {"name": "features", "shape": [1, 64], "datatype": "FP32", "data": zeros(64)},
+                {"name": "features", "shape": [1, 64], "datatype": "FP32", "data": zeros(64)}]}),
+            &["input \"features\" is given twice"],
+        ),
+        (
+            json!({"inputs": [{"name": "features", "shape": [1, 64], "datatype": "FP32", "data": zeros(64)}],
                 "parameters": {"sequence_id": 3}}),
             &["unknown parameter \"sequence_id\""],
         ),

@@ -51,10 +51,10 @@ impl TensorModel {
         self.batcher.expected_wait()
     }
 
-    /// Rows (dimension 0) a request of these tensors holds, once they are checked: what counts
-    /// against the batch size. A model that is not batched takes one request as one item.
-    pub fn rows(&self, inputs: &[HostTensor]) -> usize {
-        match (self.signature.batched, inputs.first()) {
+    /// Rows (dimension 0) a request holds, from its first tensor: what counts against the
+    /// batch size. A model that is not batched takes one request as one item.
+    pub fn rows(&self, first: Option<&HostTensor>) -> usize {
+        match (self.signature.batched, first) {
             (true, Some(t)) => t.rows(),
             _ => 1,
         }
@@ -69,7 +69,7 @@ impl TensorModel {
     ) -> Result<Vec<HostTensor>, ModelError> {
         let inputs = self.arrange(inputs)?;
         let items: Vec<(Vec<HostTensor>, usize)> = if self.signature.batched {
-            (0..self.rows(&inputs))
+            (0..self.rows(inputs.first()))
                 .map(|r| (inputs.iter().map(|t| t.rows_range(r, 1)).collect(), 1))
                 .collect()
         } else {

@@ -135,7 +135,14 @@ impl Request {
         model: &str,
         available: impl Iterator<Item = &'a str> + Clone,
     ) -> Result<(), ApiError> {
-        for choice in self.outputs.iter().flatten() {
+        let chosen = self.outputs.as_deref().unwrap_or_default();
+        for (i, choice) in chosen.iter().enumerate() {
+            if chosen[..i].iter().any(|c| c.name == choice.name) {
+                return Err(ApiError::bad_request(format!(
+                    "output {:?} is asked for twice",
+                    choice.name
+                )));
+            }
             if !available.clone().any(|name| name == choice.name) {
                 let names: Vec<String> = available.map(|n| format!("{n:?}")).collect();
                 return Err(ApiError::bad_request(format!(
@@ -168,12 +175,11 @@ impl Request {
         let mut outputs = Vec::with_capacity(choices.len());
         let mut binary = Vec::new();
         for choice in choices {
+            // `check_outputs` made sure each is there, once.
             let at = computed
                 .iter()
                 .position(|(name, _)| *name == choice.name)
-                .ok_or_else(|| {
-                    ApiError::bad_request(format!("output {:?} is asked for twice", choice.name))
-                })?;
+                .ok_or_else(|| internal(format!("output {:?} was not computed", choice.name)))?;
             let (name, mut tensor) = computed.swap_remove(at);
             if let Some(k) = choice.classification {
                 tensor = classify(&tensor, k)
@@ -213,8 +219,7 @@ impl Request {
         if binary.is_empty() {
             return Ok(Json(response).into_response());
         }
-        let mut body = serde_json::to_vec(&response)
-            .map_err(|e| ApiError::from(crate::registry::ModelError::Internal(e.to_string())))?;
+        let mut body = serde_json::to_vec(&response).map_err(|e| internal(e.to_string()))?;
         let header_length = body.len();
         body.extend_from_slice(&binary);
         let mut response = body.into_response();
@@ -226,6 +231,11 @@ impl Request {
         headers.insert(HEADER_LENGTH, HeaderValue::from(header_length));
         Ok(response)
     }
+}
+
+/// A failure that is the server's, not the request's (500).
+pub(super) fn internal(message: String) -> ApiError {
+    crate::registry::ModelError::Internal(message).into()
 }
 
 /// The JSON part and the binary part of the body.

@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use codec::{InferRequest, InferResponse};
+use codec::{internal, InferRequest, InferResponse};
 
 #[cfg(feature = "generate")]
 use super::completions::{collect, SamplingFields};
@@ -305,9 +305,7 @@ async fn infer_tensor(
     if let Some(key) = parameters.keys().next() {
         return Err(unknown_parameter(key, "binary_data_output"));
     }
-    let tensors: Vec<HostTensor> = inputs.iter().map(|(_, t)| t.clone()).collect();
-    limits.check_inputs(model.rows(&tensors))?;
-    drop(tensors);
+    limits.check_inputs(model.rows(inputs.first().map(|(_, t)| t)))?;
     let outputs = model.infer(inputs).await?;
     Ok(model
         .signature()
@@ -322,10 +320,6 @@ fn unknown_parameter(key: &str, known: &str) -> ApiError {
     ApiError::bad_request(format!(
         "unknown parameter {key:?}; this model takes {known}"
     ))
-}
-
-fn internal(message: String) -> ApiError {
-    crate::registry::ModelError::Internal(message).into()
 }
 
 /// The texts of the one BYTES input, as `[n]` or `[n, 1]`.
