@@ -806,3 +806,102 @@ async fn a_convolution_with_a_skip_connection() {
     assert!(max_diff(&output(&out, "y")["data"], &Value::from(y)) < 1e-5);
     assert!(max_diff(&output(&out, "r")["data"], &Value::from(r)) < 1e-7);
 }
+
+/// INT64, FP16 and UINT8 inputs; FP32, INT32 (candle-onnx computes it as INT64), FP16 and INT64
+/// outputs, exact both ways.
+#[tokio::test(flavor = "multi_thread")]
+async fn integer_and_half_precision_tensors_round_trip() {
+    let cast = |input: &str, output: &str, to: Onnx| {
+        let mut n = node("Cast", &[input], &[output]);
+        n.name = format!("cast_{output}");
+        n.attribute.push(onnx::AttributeProto {
+            name: "to".into(),
+            i: to as i64,
+            r#type: onnx::attribute_proto::AttributeType::Int as i32,
+            ..Default::default()
+        });
+        n
+    };
+    let graph = graph_bytes(
+        vec![
+            cast("ids", "ids_f32", Onnx::Float),
+            cast("ids", "ids_i32", Onnx::Int32),
+            node("Identity", &["half"], &["half_out"]),
+            cast("pixels", "pixels_i64", Onnx::Int64),
+        ],
+        vec![
+            value("ids", Onnx::Int64, &[-1, 2]),
+            value("half", Onnx::Float16, &[-1, 2]),
+            value("pixels", Onnx::Uint8, &[-1, 2]),
+        ],
+        vec![
+            value("ids_f32", Onnx::Float, &[-1, 2]),
+            value("ids_i32", Onnx::Int32, &[-1, 2]),
+            value("half_out", Onnx::Float16, &[-1, 2]),
+            value("pixels_i64", Onnx::Int64, &[-1, 2]),
+        ],
+        vec![],
+    );
+    let repo = temp_repository();
+    add_model(&repo, "casts", graph, "");
+    let server = Server::start(&repo, &[]).await;
+    let (_, meta) = server.get("/v2/models/casts").await;
+    let types: Vec<&str> = meta["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["datatype"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["FP32", "INT32", "FP16", "INT64"]);
+    let (status, out) = server
+        .post(
+            "/v2/models/casts/infer",
+            json!({"inputs": [
+                {"name": "ids", "shape": [2, 2], "datatype": "INT64", "data": [3, -7, 1_000_000, 0]},
+                {"name": "half", "shape": [2, 2], "datatype": "FP16", "data": [0.5, -1.25, 2.0, 65504.0]},
+                {"name": "pixels", "shape": [2, 2], "datatype": "UINT8", "data": [0, 255, 7, 128]},
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(
+        output(&out, "ids_f32")["data"],
+        json!([3.0, -7.0, 1_000_000.0, 0.0])
+    );
+    assert_eq!(output(&out, "ids_i32")["datatype"], "INT32");
+    assert_eq!(
+        output(&out, "ids_i32")["data"],
+        json!([3, -7, 1_000_000, 0])
+    );
+    assert_eq!(
+        output(&out, "half_out")["data"],
+        json!([0.5, -1.25, 2.0, 65504.0])
+    );
+    assert_eq!(output(&out, "pixels_i64")["data"], json!([0, 255, 7, 128]));
+    // 256 does not fit a UINT8, and 70000 not an FP16.
+    for (input, datatype, data) in [
+        ("pixels", "UINT8", json!([1, 2, 256, 3])),
+        ("half", "FP16", json!([1, 2, 70000, 3])),
+    ] {
+        let mut body = json!({"inputs": [
+            {"name": "ids", "shape": [2, 2], "datatype": "INT64", "data": [0, 0, 0, 0]},
+            {"name": "half", "shape": [2, 2], "datatype": "FP16", "data": [0, 0, 0, 0]},
+            {"name": "pixels", "shape": [2, 2], "datatype": "UINT8", "data": [0, 0, 0, 0]},
+        ]});
+        for t in body["inputs"].as_array_mut().unwrap() {
+            if t["name"] == input {
+                t["data"] = data.clone();
+                t["datatype"] = json!(datatype);
+            }
+        }
+        let (status, err) = server.post("/v2/models/casts/infer", body).await;
+        assert_eq!(status, 400, "{err}");
+        assert!(
+            err["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("input \"{input}\": element 2")),
+            "{err}"
+        );
+    }
+}
