@@ -118,6 +118,12 @@ pub struct ServeArgs {
     #[arg(long, env = "EMBER_TRUNCATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub truncate: bool,
 
+    /// Whether readiness needs every model of the repository loaded (`true`), or only that
+    /// loading is over (`false`). Either way a model that fails to load is reported and the
+    /// others answer requests; strict readiness keeps a pod with a broken model out of service.
+    #[arg(long, env = "EMBER_STRICT_READINESS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub strict_readiness: bool,
+
     /// The longest a request may take, streamed body included; a client may ask for less with
     /// `x-request-timeout: SECONDS`. Past it: 504, and the work is cancelled.
     #[arg(long, env = "EMBER_REQUEST_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]

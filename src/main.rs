@@ -204,9 +204,17 @@ async fn run(command: Command, specs: Vec<ModelSpec>, guards: Guards) -> anyhow:
     if loaded == 0 && failed > 0 {
         anyhow::bail!("no model could be loaded ({failed} failed; see above)");
     }
-    state.health.set_loaded();
-    state.metrics.ready.set(i64::from(state.health.is_ready()));
-    tracing::info!(startup_ms = started.elapsed().as_millis() as u64, "ready");
+    if failed > 0 && args.strict_readiness {
+        tracing::warn!(
+            failed,
+            "not ready: a model failed to load; the others answer requests, readiness stays \
+             false (--strict-readiness false reports ready without it)"
+        );
+    } else {
+        state.health.set_loaded();
+        state.metrics.ready.set(i64::from(state.health.is_ready()));
+        tracing::info!(startup_ms = started.elapsed().as_millis() as u64, "ready");
+    }
 
     server.await??;
     tracing::info!("stopped");

@@ -179,7 +179,7 @@ impl Metrics {
             .expect("valid gauge"),
             ready: IntGauge::new(
                 "ember_ready",
-                "1 when loading is over (every model loaded or failed) and the server is not draining.",
+                "1 when the server is ready: models loaded (see --strict-readiness) and not draining.",
             )
             .expect("valid gauge"),
             time_to_first_token_seconds: histogram(

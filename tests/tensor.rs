@@ -524,7 +524,9 @@ fn linear_reference(x: &[f32]) -> Vec<f64> {
 }
 
 /// A model with an operator candle-onnx lacks fails alone, named with its operator; the others
-/// load and serve, and the failure shows in its routes and in /metrics.
+/// load and answer, and the failure shows in its routes, in /metrics and in readiness: false by
+/// default (strict: a pod with a broken model gets no traffic), true with
+/// `--strict-readiness false`.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unsupported_operator_fails_its_model_only() {
     let repo = temp_repository();
@@ -536,8 +538,20 @@ async fn an_unsupported_operator_fails_its_model_only() {
         vec![],
     );
     add_model(&repo, "einsum", einsum, "");
-    let server = Server::start(&repo, &[]).await;
+    let x =
+        json!({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]});
 
+    let strict = Server::start_unready(&repo, &[], "/v2/models/linear/ready").await;
+    let (status, out) = strict.post("/v2/models/linear/infer", x.clone()).await;
+    assert_eq!(status, 200, "the loaded model answers: {out}");
+    let (status, ready) = strict.get("/health/ready").await;
+    assert_eq!(status, 503);
+    assert_eq!(ready, json!({"ready": false, "failed_models": ["einsum"]}));
+    drop(strict);
+
+    let server = Server::start(&repo, &["--strict-readiness", "false"]).await;
+    let (_, ready) = server.get("/v2/health/ready").await;
+    assert_eq!(ready, json!({"ready": true, "failed_models": ["einsum"]}));
     for path in ["/v2/models/einsum", "/v2/models/einsum/ready"] {
         let (status, err) = server.get(path).await;
         assert_eq!(status, 503, "{path}: {err}");
@@ -547,9 +561,7 @@ async fn an_unsupported_operator_fails_its_model_only() {
             "{message}"
         );
     }
-    let (status, err) = server
-        .post("/v2/models/einsum/infer", json!({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}))
-        .await;
+    let (status, err) = server.post("/v2/models/einsum/infer", x.clone()).await;
     assert_eq!(status, 503);
     assert!(err["error"].as_str().unwrap().contains("Einsum"), "{err}");
     let metrics = server.metrics().await;
@@ -557,10 +569,7 @@ async fn an_unsupported_operator_fails_its_model_only() {
         metric(&metrics, "ember_model_load_failed{model=\"einsum\"}"),
         Some(1.0)
     );
-
-    let (status, out) = server
-        .post("/v2/models/linear/infer", json!({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}))
-        .await;
+    let (status, out) = server.post("/v2/models/linear/infer", x).await;
     assert_eq!(status, 200, "{out}");
     assert!(
         max_diff(

@@ -112,6 +112,16 @@ impl ModelRegistry {
             .cloned()
     }
 
+    /// The models that failed to load, sorted by name.
+    pub fn failed_names(&self) -> Vec<String> {
+        self.failed
+            .read()
+            .expect("registry lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     pub fn insert_failure(&self, name: &str, reason: String) {
         self.failed
             .write()

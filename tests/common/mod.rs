@@ -183,8 +183,49 @@ impl Server {
         Server::spawn_with(args, reqwest::Client::new()).await
     }
 
+    /// `ember serve` that is not expected to become ready (a model fails under strict
+    /// readiness): waits until it answers, and until `probe` (a GET path) answers 200.
+    pub async fn start_unready(models: &Path, extra: &[&str], probe: &str) -> Server {
+        let mut args = vec![
+            "serve".to_string(),
+            "--models".into(),
+            models.display().to_string(),
+            "--addr".into(),
+            "127.0.0.1:0".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let server = Server::launch(&args, reqwest::Client::new());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = server.client.get(server.url(probe)).send().await {
+                if r.status() == 200 {
+                    return server;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{probe} did not answer 200 in 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// [`Server::spawn`] with the client the tests talk through (one that trusts a test CA).
     pub async fn spawn_with(args: &[String], client: reqwest::Client) -> Server {
+        let server = Server::launch(args, client);
+        // Keyed health probes need one of the server's keys.
+        let key = args
+            .iter()
+            .position(|a| a == "--api-key")
+            .and_then(|i| args.get(i + 1));
+        server
+            .wait_ready(key.map(String::as_str), Duration::from_secs(60))
+            .await;
+        server
+    }
+
+    /// Starts the binary and waits for the address it prints.
+    fn launch(args: &[String], client: reqwest::Client) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
             .args(args)
             // Warnings help when a test fails; every test server is open on purpose.
@@ -205,20 +246,11 @@ impl Server {
         let base = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("ember printed its address");
-        let server = Server {
+        Server {
             child,
             base,
             client,
-        };
-        // Keyed health probes need one of the server's keys.
-        let key = args
-            .iter()
-            .position(|a| a == "--api-key")
-            .and_then(|i| args.get(i + 1));
-        server
-            .wait_ready(key.map(String::as_str), Duration::from_secs(60))
-            .await;
-        server
+        }
     }
 
     pub async fn start_default() -> Server {

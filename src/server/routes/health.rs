@@ -30,10 +30,12 @@ async fn live() -> impl IntoResponse {
     Json(json!({ "live": true }))
 }
 
-/// Readiness: every model loaded and not draining (also at `/health/ready`).
+/// Readiness: every model loaded (or, with `--strict-readiness false`, loading over) and not
+/// draining (also at `/health/ready`). Models that failed to load are listed.
 #[utoipa::path(get, path = "/v2/health/ready", tag = "Health",
     responses((status = 200, description = "Ready", body = Object, example = json!({"ready": true})),
-              (status = 503, description = "Loading or draining", body = Object, example = json!({"ready": false}))))]
+              (status = 503, description = "Loading, draining, or a model failed to load", body = Object,
+               example = json!({"ready": false, "failed_models": ["digits-cnn"]}))))]
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let ready = state.health.is_ready();
     let status = if ready {
@@ -41,7 +43,15 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(json!({ "ready": ready })))
+    let failed = state.registry.failed_names();
+    if failed.is_empty() {
+        (status, Json(json!({ "ready": ready })))
+    } else {
+        (
+            status,
+            Json(json!({ "ready": ready, "failed_models": failed })),
+        )
+    }
 }
 
 /// Prometheus metrics, text exposition format.
