@@ -681,6 +681,26 @@ async fn other_datatypes_and_a_fixed_batch_dimension() {
         linear(&[2, 3]),
         "[[tensor.outputs]]\nname = \"y\"\nshape = [2, 2]\n",
     );
+    // A fixed input whose output has no batch dimension at all: [1, 3] in, [2] out.
+    let flat = graph_bytes(
+        vec![
+            node("MatMul", &["x", "w"], &["xw"]),
+            node("Reshape", &["xw", "to"], &["y"]),
+        ],
+        vec![value("x", Onnx::Float, &[1, 3])],
+        vec![value("y", Onnx::Float, &[2])],
+        vec![
+            weights("w", &[3, 2], W.to_vec()),
+            onnx::TensorProto {
+                name: "to".into(),
+                dims: vec![1],
+                data_type: Onnx::Int64 as i32,
+                int64_data: vec![2],
+                ..Default::default()
+            },
+        ],
+    );
+    add_model(&repo, "flat", flat, "");
     let server = Server::start(&repo, &[]).await;
 
     let (status, out) = server
@@ -749,6 +769,21 @@ async fn other_datatypes_and_a_fixed_batch_dimension() {
         err["error"].as_str().unwrap().contains("dimension 0 is 1"),
         "{err}"
     );
+
+    let (status, out) = server
+        .post(
+            "/v2/models/flat/infer",
+            json!({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["outputs"][0]["shape"], json!([2]));
+    let want: Vec<f64> = linear_reference(&[1.0, 2.0, 3.0])
+        .iter()
+        .zip(B)
+        .map(|(y, b)| y - b as f64)
+        .collect();
+    assert!(max_diff(&out["outputs"][0]["data"], &Value::from(want)) < 1e-6);
 }
 
 /// A residual block: a value made before a convolution is read after it, and is an output too.

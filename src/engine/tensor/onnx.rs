@@ -238,8 +238,13 @@ impl BatchEngine for OnnxEngine {
                     })
                     .collect::<Result<_, _>>()?
             };
-            let rows: usize = group.iter().map(|&i| rows_of(&items[i])).sum();
             let outputs = self.forward(inputs)?;
+            if !self.graph.signature.batched {
+                // One request, whole: its outputs need not have a batch dimension at all.
+                results[group[0]] = Some(outputs);
+                continue;
+            }
+            let rows: usize = group.iter().map(|&i| rows_of(&items[i])).sum();
             if let Some(out) = outputs.iter().find(|o| o.rows() != rows) {
                 return Err(format!(
                     "the graph gave {} rows for a batch of {rows}: its outputs do not keep \
