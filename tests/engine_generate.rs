@@ -92,11 +92,12 @@ fn tokenisation_round_trips_any_text() {
         .unwrap();
 }
 
-/// Teacher-forced on llama.cpp's greedy path (so one near-tie does not end the comparison), our
-/// argmax must equal llama.cpp's token at every decisive step of every chat and completion
-/// case; templates and prompt tokens must match exactly.
+/// Teacher-forced on llama.cpp's greedy path (so one difference does not end the comparison),
+/// our argmax must equal llama.cpp's token at every step of every chat and completion case,
+/// near ties included (the smallest top-2 gaps in the fixture are under 0.003); templates and
+/// prompt tokens must match exactly.
 #[test]
-fn greedy_steps_equal_llama_cpp_wherever_it_is_decisive() {
+fn greedy_steps_equal_llama_cpp_at_every_step() {
     let g = generate::load(&smollm_gguf(), &Device::Cpu).unwrap();
     let f = fixture("smollm2_greedy.json");
     let template = g.template.as_ref().unwrap();
@@ -168,28 +169,27 @@ fn greedy_steps_equal_llama_cpp_wherever_it_is_decisive() {
         "too few decisive steps to mean much: {decisive}"
     );
     assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+    assert_eq!(
+        agreed_near_ties, near_ties,
+        "near ties where llama.cpp went the other way"
+    );
+    assert!(
+        near_ties > 0,
+        "the fixture has no near tie to tell numerics apart"
+    );
 }
 
-/// Free-running greedy generation (our own tokens fed back) follows llama.cpp's text up to the
-/// first near tie of every chat case.
+/// Free-running greedy generation (our own tokens fed back) equals llama.cpp's for every chat
+/// case, all 24 tokens (or up to EOS).
 #[test]
-fn free_running_greedy_follows_llama_cpp_until_a_near_tie() {
+fn free_running_greedy_equals_llama_cpp() {
     let g = generate::load(&smollm_gguf(), &Device::Cpu).unwrap();
     let f = fixture("smollm2_greedy.json");
-    let mut whole = 0;
     let chats = f["chat"].as_array().unwrap();
+    assert!(chats.len() >= 10);
     for case in chats {
         let want = ids(&case["greedy_ids"]);
         let got = greedy(&g, &ids(&case["prompt_ids"]), want.len());
-        let sure = margins(case)
-            .iter()
-            .position(|&m| m < DECISIVE_MARGIN)
-            .unwrap_or(want.len());
-        assert_eq!(got[..sure], want[..sure], "{}", case["prompt"]);
-        whole += usize::from(got == want);
+        assert_eq!(got, want, "{}", case["prompt"]);
     }
-    eprintln!(
-        "{whole} of {} chats equal llama.cpp for all their tokens",
-        chats.len()
-    );
 }

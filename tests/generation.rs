@@ -63,17 +63,12 @@ fn streamed_chat_text(events: &[String]) -> (String, String) {
 }
 
 #[tokio::test]
-async fn completions_and_chat_match_llama_cpp_where_it_is_decisive() {
+async fn completions_and_chat_equal_llama_cpp_greedy() {
     let server = server("").await;
     let f = fixture("smollm2_greedy.json");
-    // Completions whose reference never comes near a tie (top-2 logit margin ≥ 0.5 at every
-    // step) must match llama.cpp token for token, text included.
-    let mut checked = 0;
+    // Every case, near ties included: the CPU forward pass does llama.cpp's arithmetic
+    // operation for operation (engine/generate/ggml.rs), so greedy picks its tokens.
     for case in f["completion"].as_array().unwrap() {
-        if !decisive(case) {
-            continue;
-        }
-        checked += 1;
         let (status, body) = server
             .post(
                 "/v1/completions",
@@ -93,12 +88,10 @@ async fn completions_and_chat_match_llama_cpp_where_it_is_decisive() {
             case["prompt_ids"].as_array().unwrap().len()
         );
     }
-    assert!(checked >= 1, "the fixture has no decisive completion");
-    // Chats: the whole greedy text, for those with EOS (finish_reason stop).
-    for case in f["chat"].as_array().unwrap() {
-        if !decisive(case) {
-            continue;
-        }
+    // Chats (issue 4 asks for at least ten): the first 24 tokens, or up to EOS.
+    let chats = f["chat"].as_array().unwrap();
+    assert!(chats.len() >= 10, "the fixture needs at least 10 chats");
+    for case in chats {
         let (status, body) = server
             .post(
                 "/v1/chat/completions",
@@ -108,8 +101,14 @@ async fn completions_and_chat_match_llama_cpp_where_it_is_decisive() {
             .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(
-            body["choices"][0]["message"]["content"],
-            case["greedy_text"]
+            body["choices"][0]["message"]["content"], case["greedy_text"],
+            "{}",
+            case["prompt"]
+        );
+        let stopped = case["stopped_at_eos"].as_bool().unwrap();
+        assert_eq!(
+            body["choices"][0]["finish_reason"],
+            if stopped { "stop" } else { "length" }
         );
     }
 }

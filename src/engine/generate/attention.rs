@@ -10,6 +10,8 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use super::ggml;
+
 /// One sequence's cache on CPU: per layer `[kv_heads, capacity, head_dim]` in f16.
 pub struct CpuKv {
     keys: Vec<Vec<f16>>,
@@ -110,6 +112,7 @@ pub fn attend(
         let mut q_row = vec![0f32; d];
         let mut scores = Vec::new();
         let mut acc = vec![0f32; d];
+        let mut lanes = Vec::new();
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         for item in range {
             let span = &spans[item / kv_heads];
@@ -129,22 +132,41 @@ pub fn attend(
                     for (r, &x) in q_row.iter_mut().zip(&q[src..src + d]) {
                         *r = round_f16(x);
                     }
+                    // llama.cpp's matmuls: tinyBLAS when the sequence brings two rows or
+                    // more to the pass (a prompt), `ggml_vec_dot_f16` for one (a decode step).
+                    let dot = if span.n > 1 {
+                        ggml::dot_f16_gemm
+                    } else {
+                        ggml::dot_f16_vec
+                    };
                     scores.clear();
                     scores.extend(
                         (0..visible).map(|j| dot(&q_row, &keys[j * d..(j + 1) * d]) * scale),
                     );
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    acc.iter_mut().for_each(|a| *a = 0.0);
-                    for (j, &s) in scores.iter().enumerate() {
-                        let p = round_f16(s / sum);
-                        for (a, vv) in acc.iter_mut().zip(&values[j * d..(j + 1) * d]) {
-                            *a += p * vv;
+                    ggml::softmax(&mut scores);
+                    // Weights times values, lane by lane as that matmul sums them (each lane
+                    // takes the positions 16 apart; `ggml_vec_dot_f16` keeps four sets of
+                    // lanes, 64 positions apart). Products of f16 values are exact in f32.
+                    let sets = if span.n > 1 { 1 } else { 4 };
+                    lanes.clear();
+                    lanes.resize(sets * 16 * d, 0.0);
+                    for (j, &p) in scores.iter().enumerate() {
+                        let p = round_f16(p);
+                        let lane = &mut lanes[((j / 16) % sets * 16 + j % 16) * d..][..d];
+                        for (a, v) in lane.iter_mut().zip(&values[j * d..(j + 1) * d]) {
+                            *a += p * v;
                         }
+                    }
+                    for (c, out) in acc.iter_mut().enumerate() {
+                        let lane = |set: usize, t: usize| lanes[(set * 16 + t) * d + c];
+                        let folded: [f32; 16] = if sets == 1 {
+                            std::array::from_fn(|t| lane(0, t))
+                        } else {
+                            std::array::from_fn(|t| {
+                                (lane(0, t) + lane(2, t)) + (lane(1, t) + lane(3, t))
+                            })
+                        };
+                        *out = ggml::reduce16(&folded);
                     }
                     let row = span.start + i;
                     // Safety: (row, h) belongs to this item alone; the slot is inside `out`.
@@ -161,23 +183,6 @@ pub fn attend(
         work(0..items);
     }
     out
-}
-
-/// A dot product in 16 independent lanes (so it vectorises), then their sum.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let mut ca = a.chunks_exact(16);
-    let mut cb = b.chunks_exact(16);
-    for (xa, xb) in (&mut ca).zip(&mut cb) {
-        for l in 0..16 {
-            lanes[l] += xa[l] * xb[l];
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

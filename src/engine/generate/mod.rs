@@ -2,6 +2,7 @@
 //! template from the file's metadata, sampling, and detokenisation for streaming.
 
 mod attention;
+mod ggml;
 pub mod gguf;
 pub mod model;
 pub mod qlinear;

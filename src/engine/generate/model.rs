@@ -8,6 +8,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::{self, CpuKv};
+use super::ggml;
 use super::gguf::LlamaConfig;
 use super::qlinear::QLinear;
 
@@ -177,10 +178,21 @@ impl Llama {
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
         let eps = c.rms_eps as f32;
+        let rope_cpu = if self.device.is_cpu() {
+            let flat = |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
+            Some((flat(&cos)?, flat(&sin)?))
+        } else {
+            None
+        };
         let mut x = self.embeddings.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let h = self.rms_norm(&x, &layer.attn_norm, eps)?;
             let rotate = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+                if let Some((cos, sin)) = &rope_cpu {
+                    let x: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                    let out = ggml::rope(&x, heads, c.head_dim, cos, sin, c.rope_neox);
+                    return Tensor::from_vec(out, (heads, rows, c.head_dim), &self.device);
+                }
                 let t = t
                     .reshape((1, rows, heads, c.head_dim))?
                     .transpose(1, 2)?
@@ -222,9 +234,8 @@ impl Llama {
                 Tensor::cat(&outputs, 0)?
             };
             x = (layer.o.forward(&attended)? + x)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gated =
-                (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gated = self.swiglu(&layer.gate.forward(&h)?, &layer.up.forward(&h)?)?;
             x = (layer.down.forward(&gated)? + x)?;
         }
         let mut last_rows = Vec::new();
@@ -241,8 +252,34 @@ impl Llama {
         }
         let n = last_rows.len();
         let last = x.index_select(&Tensor::from_vec(last_rows, n, &self.device)?, 0)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
+        let last = self.rms_norm(&last, &self.norm, eps)?;
         self.output.forward(&last)?.to_dtype(DType::F32)?.to_vec2()
+    }
+
+    /// RMS norm times the norm's weight; on CPU in llama.cpp's arithmetic (`ggml::rms_norm`):
+    /// its output is quantized next, and a last-bit difference here can move a quant.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+        if !self.device.is_cpu() {
+            return candle_nn::ops::rms_norm(x, weight, eps);
+        }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let w: Vec<f32> = weight.to_vec1()?;
+        let mut out = vec![0f32; xs.len()];
+        ggml::rms_norm(&xs, &w, eps, &mut out);
+        Tensor::from_vec(out, x.shape(), &self.device)
+    }
+
+    /// `silu(gate) · up`; on CPU with llama.cpp's `exp` (`ggml::silu`), for the same reason as
+    /// `rms_norm`.
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        if !self.device.is_cpu() {
+            return candle_nn::ops::silu(gate)? * up;
+        }
+        let g: Vec<f32> = gate.flatten_all()?.to_vec1()?;
+        let u: Vec<f32> = up.flatten_all()?.to_vec1()?;
+        let mut out = vec![0f32; g.len()];
+        ggml::swiglu(&g, &u, &mut out);
+        Tensor::from_vec(out, gate.shape(), &self.device)
     }
 
     /// Attention of every chunk's new rows over its cache, on CPU, in one parallel pass.
