@@ -30,6 +30,21 @@ wait_for() { # url
   echo "no answer from $1" >&2; exit 1
 }
 
+# A virtual machine may report AMX, so that a -march=native llama.cpp compiles its AMX kernels,
+# and still trap AMX instructions: llama.cpp then dies with SIGILL on its first prompt. Probe
+# once; if so, both peers run without extra buffer types (no AMX, no weight repacking).
+llama_extra=()
+if ! "$py" - "$gguf" >/dev/null 2>&1 <<'PY'
+import sys
+from llama_cpp import Llama
+Llama(model_path=sys.argv[1], n_ctx=256, n_threads=2, verbose=False).eval([1, 2, 3])
+PY
+then
+  echo "== llama.cpp: AMX is reported but not usable here; peers run without extra buffer types"
+  export EMBER_LLAMA_NO_EXTRA_BUFTS=1
+  llama_extra=(--no-repack)
+fi
+
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 target/release/ember serve --models "$out/repo" --addr 127.0.0.1:18091 >"$out/ember.log" 2>&1 &
 ember=$!
@@ -60,7 +75,7 @@ curl -s http://127.0.0.1:18091/metrics | grep -E '^ember_batch_size_items_(sum|c
 kill "$ember"; wait "$ember" 2>/dev/null || true
 
 echo "== streaming load: llama-server -np 16 -cb -t 2 -tb 2 -c 8192 ($("$llama_server" --version 2>&1 | head -1))"
-"$llama_server" -m "$gguf" -t 2 -tb 2 -c 8192 -np 16 -cb --host 127.0.0.1 --port 18092 \
+"$llama_server" -m "$gguf" -t 2 -tb 2 -c 8192 -np 16 -cb "${llama_extra[@]}" --host 127.0.0.1 --port 18092 \
   >"$out/llama-server.log" 2>&1 &
 server=$!
 wait_for http://127.0.0.1:18092/health

@@ -90,6 +90,17 @@ def main():
     a = ap.parse_args()
     from llama_cpp import Llama
     import llama_cpp
+    import os
+    if os.environ.get("EMBER_LLAMA_NO_EXTRA_BUFTS") == "1":
+        # bench_generate.sh found AMX reported but trapped (a VM): load without extra buffer
+        # types (no AMX, no repacking), as llama-server's --no-repack does.
+        import llama_cpp.llama as module
+        default = llama_cpp.llama_model_default_params
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+        module.llama_cpp.llama_model_default_params = params
     rows = []
     for kind, content in prompts():
         ember_run(a.url, a.model, content, 8)  # warm-up

@@ -65,8 +65,11 @@ impl Out {
     }
 }
 
-fn round_f16(x: f32) -> f32 {
-    f16::from_f32(x).to_f32()
+/// `x` rounded to f16 and back, into `out` (`half` converts whole slices with F16C).
+fn round_f16(x: &[f32], scratch: &mut Vec<f16>, out: &mut [f32]) {
+    scratch.resize(x.len(), f16::ZERO);
+    scratch.convert_from_f32_slice(x);
+    scratch.convert_to_f32_slice(out);
 }
 
 /// `q` is `[heads, rows, head_dim]`, `k` and `v` `[kv_heads, rows, head_dim]` (the batch's new
@@ -101,18 +104,46 @@ pub fn attend(
             }
         }
     }
-    let hidden = heads * d;
-    let mut out = vec![0f32; rows * hidden];
+    let mut out = vec![0f32; rows * heads * d];
     let dst = Out(out.as_mut_ptr());
-    let group = heads / kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
     let items = spans.len() * kv_heads;
     let spans: &[Span] = spans;
-    let work = |range: std::ops::Range<usize>| {
+    let work =
+        |range: std::ops::Range<usize>| attend_items(layer, shape, spans, q, rows, dst, range);
+    let pool = candle_core::utils::barrier_pool();
+    if pool.n_workers() > 0 && items > 1 {
+        pool.execute_chunked(items, work);
+    } else {
+        work(0..items);
+    }
+    out
+}
+
+ggml::fma_dispatched! {
+    /// Work items `range` of `attend` (item = sequence · kv_heads + kv head), compiled for the
+    /// CPU's vector width like the rest of `ggml`'s loops.
+    fn attend_items(
+        layer: usize,
+        shape: Shape,
+        spans: &[Span],
+        q: &[f32],
+        rows: usize,
+        dst: Out,
+        range: std::ops::Range<usize>,
+    ) {
+        let Shape {
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = shape;
+        let hidden = heads * d;
+        let group = heads / kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
         let mut q_row = vec![0f32; d];
         let mut scores = Vec::new();
         let mut acc = vec![0f32; d];
         let mut lanes = Vec::new();
+        let (mut half_row, mut probs) = (Vec::new(), Vec::new());
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         for item in range {
             let span = &spans[item / kv_heads];
@@ -129,29 +160,31 @@ pub fn attend(
                 for i in 0..span.n {
                     let visible = span.past + i + 1;
                     let src = (h * rows + span.start + i) * d;
-                    for (r, &x) in q_row.iter_mut().zip(&q[src..src + d]) {
-                        *r = round_f16(x);
-                    }
+                    round_f16(&q[src..src + d], &mut half_row, &mut q_row);
                     // llama.cpp's matmuls: tinyBLAS when the sequence brings two rows or
                     // more to the pass (a prompt), `ggml_vec_dot_f16` for one (a decode step).
-                    let dot = if span.n > 1 {
-                        ggml::dot_f16_gemm
-                    } else {
-                        ggml::dot_f16_vec
-                    };
+                    let gemm = span.n > 1;
                     scores.clear();
-                    scores.extend(
-                        (0..visible).map(|j| dot(&q_row, &keys[j * d..(j + 1) * d]) * scale),
-                    );
+                    scores.extend((0..visible).map(|j| {
+                        let key = &keys[j * d..(j + 1) * d];
+                        let dot = if gemm {
+                            ggml::dot_f16_gemm(&q_row, key)
+                        } else {
+                            ggml::dot_f16_vec(&q_row, key)
+                        };
+                        dot * scale
+                    }));
                     ggml::softmax(&mut scores);
                     // Weights times values, lane by lane as that matmul sums them (each lane
                     // takes the positions 16 apart; `ggml_vec_dot_f16` keeps four sets of
                     // lanes, 64 positions apart). Products of f16 values are exact in f32.
-                    let sets = if span.n > 1 { 1 } else { 4 };
+                    let sets = if gemm { 1 } else { 4 };
                     lanes.clear();
                     lanes.resize(sets * 16 * d, 0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        let p = round_f16(p);
+                    let p16 = &mut probs;
+                    p16.resize(scores.len(), 0.0);
+                    round_f16(&scores, &mut half_row, p16);
+                    for (j, &p) in p16.iter().enumerate() {
                         let lane = &mut lanes[((j / 16) % sets * 16 + j % 16) * d..][..d];
                         for (a, v) in lane.iter_mut().zip(&values[j * d..(j + 1) * d]) {
                             *a += p * v;
@@ -175,14 +208,7 @@ pub fn attend(
                 }
             }
         }
-    };
-    let pool = candle_core::utils::barrier_pool();
-    if pool.n_workers() > 0 && items > 1 {
-        pool.execute_chunked(items, work);
-    } else {
-        work(0..items);
     }
-    out
 }
 
 #[cfg(test)]
@@ -197,7 +223,7 @@ mod tests {
             kv_heads,
             head_dim: d,
         } = shape;
-        let r = |x: f32| round_f16(x) as f64;
+        let r = |x: f32| f16::from_f32(x).to_f64();
         let mut out = vec![0f32; rows * heads * d];
         for h in 0..heads {
             let kvh = h / (heads / kv_heads);

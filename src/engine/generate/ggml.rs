@@ -8,6 +8,7 @@
 //! multiply-adds that ggml's intrinsics (and GCC's contraction of `a * b + c`) use.
 
 /// GCC's `_mm512_reduce_add_ps`: halves added pairwise, 16 → 8 → 4 → 2 → 1.
+#[inline(always)]
 pub fn reduce16(v: &[f32; 16]) -> f32 {
     let t8: [f32; 8] = std::array::from_fn(|i| v[8 + i] + v[i]);
     let t4: [f32; 4] = std::array::from_fn(|i| t8[4 + i] + t8[i]);
@@ -48,16 +49,13 @@ pub fn expf(x: f32) -> f32 {
     }
 }
 
-/// `_mm512_scalef_ps` for an integral `n` within ±192: `j · 2ⁿ`, rounded once.
+/// `_mm512_scalef_ps` for an integral `n` within ±192: `j · 2ⁿ`, rounded once. The product is
+/// exact in f64 (2ⁿ is a power of two, `j` has 24 bits), so its one rounding to f32 is scalef's,
+/// subnormals and overflow included; and without branches the loops around it vectorize.
 #[inline(always)]
 fn scalef(j: f32, n: f32) -> f32 {
-    let n = n as i32;
-    if (-126..=127).contains(&n) {
-        j * f32::from_bits(((n + 127) as u32) << 23)
-    } else {
-        // Exact in f64, then one rounding to f32 (subnormals and overflow included).
-        (j as f64 * 2f64.powi(n)) as f32
-    }
+    let pow2 = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+    (j as f64 * pow2) as f32
 }
 
 /// `ggml_v_silu`: `x / (1 + expf(-x))` with the expf above.
@@ -66,13 +64,13 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + expf(-x))
 }
 
-/// Defines `pub fn $name` to run its body compiled with hardware fused multiply-add (and
+/// Defines `fn $name` to run its body compiled with hardware fused multiply-add (and
 /// AVX-512 or AVX2, so the loops vectorize) where the CPU has it: elsewhere `f32::mul_add` is a
 /// call into libm, exact but a hundred times slower. Every path computes the same numbers.
 macro_rules! fma_dispatched {
-    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
@@ -98,6 +96,8 @@ macro_rules! fma_dispatched {
         }
     };
 }
+
+pub(super) use fma_dispatched;
 
 fma_dispatched! {
     /// `ggml_vec_swiglu_f32`: `silu(gate) · up`, element by element, into `out`.
@@ -188,6 +188,7 @@ fma_dispatched! {
 /// in f32, so a fused multiply-add and a multiply then add agree. A length that is not a
 /// multiple of 64 would leave a tail that ggml sums in f64; the callers' lengths never do
 /// (head dimension 64, and the cache padded).
+#[inline(always)]
 pub fn dot_f16_vec(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [[0f32; 16]; 4];
     let steps = a.len() / 64;
@@ -212,6 +213,7 @@ pub fn dot_f16_vec(a: &[f32], b: &[f32]) -> f32 {
 /// tinyBLAS's f16 GEMM (llamafile's sgemm, which ggml uses when a matmul has at least two
 /// rows on the right): one 16-lane accumulator over steps of 16, then reduced. tinyBLAS turns
 /// down lengths that are not a multiple of 16, and ggml falls back to `ggml_vec_dot_f16`.
+#[inline(always)]
 pub fn dot_f16_gemm(a: &[f32], b: &[f32]) -> f32 {
     if !a.len().is_multiple_of(16) {
         return dot_f16_vec(a, b);

@@ -375,8 +375,8 @@ struct Acts {
 }
 
 impl Acts {
-    /// candle's `BlockQ8_1::from_float` (for Q4_1 weights) or `BlockQ8_0::from_float`, operation
-    /// for operation, so that Q4_1 results stay candle's bit for bit.
+    /// ggml's x86 `quantize_row_q8_1` (for Q4_1 weights) or `quantize_row_q8_0`, operation for
+    /// operation, so that the quants are llama.cpp's.
     fn new(format: Format, x: &[f32], rows: usize, k: usize) -> Self {
         let nb = k / QK;
         let mut acts = Acts {
@@ -384,35 +384,44 @@ impl Acts {
             nb,
             qs: vec![0; rows * k],
             d: vec![0.0; rows * nb],
-            s: Vec::new(),
-            bias: Vec::new(),
+            s: vec![0.0; rows * nb],
+            bias: vec![0; rows * nb],
         };
+        quantize_blocks(x, &mut acts.qs, &mut acts.d, &mut acts.s, &mut acts.bias);
         match format {
-            Format::Q4_1 => acts.s = vec![0.0; rows * nb],
-            Format::Q8_0 => acts.bias = vec![0; rows * nb],
-        }
-        let blocks = x.chunks_exact(QK).zip(acts.qs.chunks_exact_mut(QK));
-        for (i, (x, q)) in blocks.enumerate() {
-            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            acts.d[i] = f16::from_f32(d).to_f32();
-            let mut sum = 0i32;
-            for (q, &v) in q.iter_mut().zip(x) {
-                *q = round_i8(v * id);
-                sum += *q as i32;
-            }
-            match format {
-                Format::Q4_1 => acts.s[i] = f16::from_f32(d * sum as f32).to_f32(),
-                Format::Q8_0 => acts.bias[i] = 128 * sum,
-            }
+            Format::Q4_1 => acts.bias = Vec::new(),
+            Format::Q8_0 => acts.s = Vec::new(),
         }
         acts
     }
 }
 
+ggml::fma_dispatched! {
+    /// Blocks of 32 to i8 quants, their f16 scale `d`, Q8_1's `s = f16(d · Σq)` and Q8_0's
+    /// `128 · Σq` (compiled for the CPU's vector width: it runs before every matmul).
+    fn quantize_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], bias: &mut [i32]) {
+        let blocks = x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK));
+        for (i, (x, q)) in blocks.enumerate() {
+            // |v| as bits is monotonic in |v|: an integer max, which vectorizes.
+            let bits = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
+            let amax = f32::from_bits(bits);
+            let scale = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            d[i] = f16::from_f32(scale).to_f32();
+            let mut sum = 0i32;
+            for (q, &v) in q.iter_mut().zip(x) {
+                *q = round_i8(v * id);
+                sum += *q as i32;
+            }
+            s[i] = f16::from_f32(scale * sum as f32).to_f32();
+            bias[i] = 128 * sum;
+        }
+    }
+}
+
 /// `v.round_ties_even() as i8` (`_mm256_round_ps` with `_MM_ROUND_NEAREST`, as ggml's
 /// quantizers): saturating, NaN to 0, without the libm call that baseline x86-64 makes of it.
+#[inline(always)]
 fn round_i8(v: f32) -> i8 {
     // Adding and taking back 1.5 · 2²³ leaves an f32 with no fraction bits, rounded half to
     // even by the FPU; exact for |v| ≤ 2²², which the clamp keeps.
