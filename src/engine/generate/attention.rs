@@ -3,9 +3,11 @@
 //! grow with the number of sequences far faster than the weights' share; this does the same
 //! arithmetic on plain slices, sequences and KV heads spread over candle's worker pool.
 //!
-//! Numerics follow llama.cpp's CPU path: the cache holds f16, queries and attention weights are
-//! rounded to f16 before they meet it, sums are f32. Each (sequence, head) is computed the same
-//! way whatever else is in the batch.
+//! Numerics are llama.cpp's CPU path, bit for bit: the cache holds f16, queries and attention
+//! weights are rounded to f16 before they meet it, and the dot products, softmax and weighted sums
+//! add in llama.cpp's order (`ggml.rs`), which depends only on whether this sequence brings one row
+//! (decode) or several (prompt). Each (sequence, head) is computed the same way whatever else is in
+//! the batch.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
