@@ -122,27 +122,21 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// ggml's rotary embedding (`rotate_pairs`), from `[rows, heads, dim]` to `[heads, rows, dim]`:
-/// pairs are adjacent (`neox` false, llama) or half the dimension apart (`neox`). GCC fuses each
-/// `x0 · cos − x1 · sin` into one multiply-add around the second product; `cos` and `sin` are
-/// `[rows, dim / 2]`, libm's `cosf` and `sinf` as in `ggml_rope_cache_init`.
-pub fn rope(x: &[f32], heads: usize, dim: usize, cos: &[f32], sin: &[f32], neox: bool) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    rope_into(x, heads, dim, cos, sin, neox, &mut out);
-    out
-}
-
 fma_dispatched! {
-    /// `rope` into `out`.
-    pub fn rope_into(
+    /// ggml's rotary embedding (`rotate_pairs`), from `[rows, heads, dim]` to
+    /// `[heads, rows, dim]`: pairs are adjacent (`neox` false, llama) or half the dimension apart
+    /// (`neox`). GCC fuses each `x0 · cos − x1 · sin` into one multiply-add around the second
+    /// product; `cos` and `sin` are `[rows, dim / 2]`, libm's `cosf` and `sinf` as in
+    /// `ggml_rope_cache_init`.
+    pub fn rope(
         x: &[f32],
         heads: usize,
         dim: usize,
         cos: &[f32],
         sin: &[f32],
         neox: bool,
-        out: &mut [f32]
-    ) {
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
         let half = dim / 2;
         let rows = cos.len() / half;
         for r in 0..rows {
@@ -158,6 +152,7 @@ fma_dispatched! {
                 }
             }
         }
+        out
     }
 }
 
