@@ -1,7 +1,9 @@
 //! Attention of every running sequence against its own KV cache, on CPU, in one parallel pass
 //! per layer. candle ops per sequence (a dozen small tensors each, per layer) made decode time
 //! grow with the number of sequences far faster than the weights' share; this does the same
-//! arithmetic on plain slices, sequences and KV heads spread over candle's worker pool.
+//! arithmetic on plain slices, sequences and KV heads spread over candle's worker pool. On
+//! AVX-512 the dot products and weighted sums read the f16 cache in place, 16 lanes at a time;
+//! elsewhere portable code converts each cache row first. Both add in the same order.
 //!
 //! Numerics are llama.cpp's CPU path, bit for bit: the cache holds f16, queries and attention
 //! weights are rounded to f16 before they meet it, and the dot products, softmax and weighted sums
@@ -110,8 +112,10 @@ pub fn attend(
     let dst = Out(out.as_mut_ptr());
     let items = spans.len() * kv_heads;
     let spans: &[Span] = spans;
-    let work =
-        |range: std::ops::Range<usize>| attend_items(layer, shape, spans, q, rows, dst, range);
+    let kernels = Kernels::detect(d);
+    let work = |range: std::ops::Range<usize>| {
+        attend_items(layer, shape, kernels, spans, q, rows, dst, range)
+    };
     let pool = candle_core::utils::barrier_pool();
     if pool.n_workers() > 0 && items > 1 {
         pool.execute_chunked(items, work);
@@ -121,12 +125,121 @@ pub fn attend(
     out
 }
 
+/// Which code computes a row's scores and weighted values: AVX-512 reading the f16 cache in
+/// place, or portable code over rows converted to f32. Both add in the same order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kernels {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernels {
+    fn detect(head_dim: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if head_dim.is_multiple_of(64)
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("fma")
+        {
+            return Kernels::Avx512;
+        }
+        let _ = head_dim;
+        Kernels::Portable
+    }
+
+    /// `out[j] = (q · keys[j]) · scale` for every row j of `keys` (`[out.len(), d]`, f16);
+    /// `q` is already rounded to f16. `gemm` picks tinyBLAS's order, else `ggml_vec_dot_f16`'s.
+    fn scores(
+        self,
+        q: &[f32],
+        keys: &[f16],
+        gemm: bool,
+        scale: f32,
+        out: &mut [f32],
+        row: &mut [f32],
+    ) {
+        let d = q.len();
+        assert!(keys.len() >= out.len() * d && row.len() == d);
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernels::Avx512 {
+            // SAFETY: `Avx512` is only detected with the features the kernel enables, for a
+            // head dimension that is a multiple of 64; lengths are asserted above.
+            unsafe { x86::scores(q, keys, gemm, scale, out) };
+            return;
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            keys[j * d..(j + 1) * d].convert_to_f32_slice(row);
+            let dot = if gemm {
+                ggml::dot_f16_gemm(q, row)
+            } else {
+                ggml::dot_f16_vec(q, row)
+            };
+            *o = dot * scale;
+        }
+    }
+
+    /// `out = Σ_j p[j] · values[j]` (`values` `[p.len(), d]`, f16; `p` rounded to f16), lane by
+    /// lane as that matmul sums them: each lane takes the positions 16 apart, and
+    /// `ggml_vec_dot_f16` (`sets` 4) keeps four sets of lanes, 64 positions apart, where
+    /// tinyBLAS (`sets` 1) keeps one. Products of f16 values are exact in f32.
+    /// `lanes` is scratch of `sets · 16 · d`.
+    fn weigh(
+        self,
+        p: &[f32],
+        values: &[f16],
+        sets: usize,
+        lanes: &mut [f32],
+        out: &mut [f32],
+        row: &mut [f32],
+    ) {
+        let d = out.len();
+        assert!(values.len() >= p.len() * d && lanes.len() == sets * 16 * d && row.len() == d);
+        // Lane rows that no position reaches stay zero and are never written.
+        let used = p.len().min(sets * 16);
+        lanes[..used * d].fill(0.0);
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernels::Avx512 {
+            // SAFETY: as in `scores`.
+            unsafe { x86::weigh(p, values, sets, used, lanes, out) };
+            return;
+        }
+        for (j, &pj) in p.iter().enumerate() {
+            values[j * d..(j + 1) * d].convert_to_f32_slice(row);
+            let lane = &mut lanes[((j / 16) % sets * 16 + j % 16) * d..][..d];
+            for (a, v) in lane.iter_mut().zip(row.iter()) {
+                *a += pj * v;
+            }
+        }
+        let lane = |set: usize, t: usize, c: usize| {
+            let r = set * 16 + t;
+            if r < used {
+                lanes[r * d + c]
+            } else {
+                0.0
+            }
+        };
+        for (c, o) in out.iter_mut().enumerate() {
+            let folded: [f32; 16] = if sets == 1 {
+                std::array::from_fn(|t| lane(0, t, c))
+            } else {
+                std::array::from_fn(|t| {
+                    (lane(0, t, c) + lane(2, t, c)) + (lane(1, t, c) + lane(3, t, c))
+                })
+            };
+            *o = ggml::reduce16(&folded);
+        }
+    }
+}
+
 ggml::fma_dispatched! {
     /// Work items `range` of `attend` (item = sequence · kv_heads + kv head), compiled for the
     /// CPU's vector width like the rest of `ggml`'s loops.
+    #[allow(clippy::too_many_arguments)]
     fn attend_items(
         layer: usize,
         shape: Shape,
+        kernels: Kernels,
         spans: &[Span],
         q: &[f32],
         rows: usize,
@@ -142,73 +255,146 @@ ggml::fma_dispatched! {
         let group = heads / kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
         let mut q_row = vec![0f32; d];
-        let mut scores = Vec::new();
+        let mut row = vec![0f32; d];
         let mut acc = vec![0f32; d];
         let mut lanes = Vec::new();
-        let (mut half_row, mut probs) = (Vec::new(), Vec::new());
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let (mut half_row, mut scores, mut probs) = (Vec::new(), Vec::new(), Vec::new());
         for item in range {
             let span = &spans[item / kv_heads];
             let kvh = item % kv_heads;
-            let cap = span.cache.capacity;
-            // The visible part of this head's cache in f32, once for all its query heads.
+            let base = kvh * span.cache.capacity * d;
             let len = (span.past + span.n) * d;
-            let base = kvh * cap * d;
-            keys.resize(len, 0.0);
-            values.resize(len, 0.0);
-            span.cache.keys[layer][base..base + len].convert_to_f32_slice(&mut keys);
-            span.cache.values[layer][base..base + len].convert_to_f32_slice(&mut values);
+            let keys = &span.cache.keys[layer][base..base + len];
+            let values = &span.cache.values[layer][base..base + len];
+            // llama.cpp's matmuls: tinyBLAS when the sequence brings two rows or more to the
+            // pass (a prompt), `ggml_vec_dot_f16` for one (a decode step).
+            let gemm = span.n > 1;
+            let sets = if gemm { 1 } else { 4 };
+            lanes.resize(sets * 16 * d, 0.0);
             for h in kvh * group..(kvh + 1) * group {
                 for i in 0..span.n {
                     let visible = span.past + i + 1;
                     let src = (h * rows + span.start + i) * d;
                     round_f16(&q[src..src + d], &mut half_row, &mut q_row);
-                    // llama.cpp's matmuls: tinyBLAS when the sequence brings two rows or
-                    // more to the pass (a prompt), `ggml_vec_dot_f16` for one (a decode step).
-                    let gemm = span.n > 1;
-                    scores.clear();
-                    scores.extend((0..visible).map(|j| {
-                        let key = &keys[j * d..(j + 1) * d];
-                        let dot = if gemm {
-                            ggml::dot_f16_gemm(&q_row, key)
-                        } else {
-                            ggml::dot_f16_vec(&q_row, key)
-                        };
-                        dot * scale
-                    }));
+                    scores.resize(visible, 0.0);
+                    kernels.scores(&q_row, keys, gemm, scale, &mut scores, &mut row);
                     ggml::softmax(&mut scores);
-                    // Weights times values, lane by lane as that matmul sums them (each lane
-                    // takes the positions 16 apart; `ggml_vec_dot_f16` keeps four sets of
-                    // lanes, 64 positions apart). Products of f16 values are exact in f32.
-                    let sets = if gemm { 1 } else { 4 };
-                    lanes.clear();
-                    lanes.resize(sets * 16 * d, 0.0);
-                    let p16 = &mut probs;
-                    p16.resize(scores.len(), 0.0);
-                    round_f16(&scores, &mut half_row, p16);
-                    for (j, &p) in p16.iter().enumerate() {
-                        let lane = &mut lanes[((j / 16) % sets * 16 + j % 16) * d..][..d];
-                        for (a, v) in lane.iter_mut().zip(&values[j * d..(j + 1) * d]) {
-                            *a += p * v;
-                        }
-                    }
-                    for (c, out) in acc.iter_mut().enumerate() {
-                        let lane = |set: usize, t: usize| lanes[(set * 16 + t) * d + c];
-                        let folded: [f32; 16] = if sets == 1 {
-                            std::array::from_fn(|t| lane(0, t))
-                        } else {
-                            std::array::from_fn(|t| {
-                                (lane(0, t) + lane(2, t)) + (lane(1, t) + lane(3, t))
-                            })
-                        };
-                        *out = ggml::reduce16(&folded);
-                    }
+                    probs.resize(visible, 0.0);
+                    round_f16(&scores, &mut half_row, &mut probs);
+                    kernels.weigh(&probs, values, sets, &mut lanes, &mut acc, &mut row);
                     let row = span.start + i;
                     // Safety: (row, h) belongs to this item alone; the slot is inside `out`.
                     let slot = unsafe { dst.slots(row * hidden + h * d, d) };
                     slot.copy_from_slice(&acc);
                 }
             }
+        }
+    }
+}
+
+/// The AVX-512 kernels of `Kernels`: the same operations in the same order, on 16 lanes at a
+/// time, converting the f16 cache as they read it.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    /// GCC's `_mm512_reduce_add_ps` (`ggml::reduce16`).
+    #[inline(always)]
+    unsafe fn reduce16(x: __m512) -> f32 {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
+        let t8 = _mm256_add_ps(hi, _mm512_castps512_ps256(x));
+        let t4 = _mm_add_ps(_mm256_extractf128_ps::<1>(t8), _mm256_castps256_ps128(t8));
+        let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+    }
+
+    /// 16 f16 at `p` as f32.
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
+
+    /// # Safety
+    /// The CPU has avx512f, f16c and fma; `q.len()` is a multiple of 64 and `keys` holds
+    /// `out.len()` rows of it.
+    #[target_feature(enable = "avx512f,f16c,fma")]
+    pub(super) unsafe fn scores(q: &[f32], keys: &[f16], gemm: bool, scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        let (q, k) = (q.as_ptr(), keys.as_ptr());
+        for (j, o) in out.iter_mut().enumerate() {
+            let key = k.add(j * d);
+            let dot = if gemm {
+                let mut acc = _mm512_setzero_ps();
+                for c in (0..d).step_by(16) {
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(c)), load_f16(key.add(c)), acc);
+                }
+                reduce16(acc)
+            } else {
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for s in (0..d).step_by(64) {
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let c = s + 16 * t;
+                        *acc =
+                            _mm512_fmadd_ps(_mm512_loadu_ps(q.add(c)), load_f16(key.add(c)), *acc);
+                    }
+                }
+                let x0 = _mm512_add_ps(acc[0], acc[2]);
+                let x1 = _mm512_add_ps(acc[1], acc[3]);
+                reduce16(_mm512_add_ps(x0, x1))
+            };
+            *o = dot * scale;
+        }
+    }
+
+    /// # Safety
+    /// As `scores`, with `values` holding `p.len()` rows of `out.len()`, `lanes` of
+    /// `sets · 16 · out.len()` whose first `used` rows are zero.
+    #[target_feature(enable = "avx512f,f16c,fma")]
+    pub(super) unsafe fn weigh(
+        p: &[f32],
+        values: &[f16],
+        sets: usize,
+        used: usize,
+        lanes: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let d = out.len();
+        let (v, l) = (values.as_ptr(), lanes.as_mut_ptr());
+        for (j, &pj) in p.iter().enumerate() {
+            let pj = _mm512_set1_ps(pj);
+            let lane = l.add(((j / 16) % sets * 16 + j % 16) * d);
+            let value = v.add(j * d);
+            for c in (0..d).step_by(16) {
+                let a = _mm512_loadu_ps(lane.add(c));
+                _mm512_storeu_ps(lane.add(c), _mm512_fmadd_ps(pj, load_f16(value.add(c)), a));
+            }
+        }
+        let lane = |set: usize, t: usize, c: usize| {
+            let r = set * 16 + t;
+            if r < used {
+                _mm512_loadu_ps(l.add(r * d + c))
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        for c in (0..d).step_by(16) {
+            let f: [__m512; 16] = std::array::from_fn(|t| {
+                if sets == 1 {
+                    lane(0, t, c)
+                } else {
+                    _mm512_add_ps(
+                        _mm512_add_ps(lane(0, t, c), lane(2, t, c)),
+                        _mm512_add_ps(lane(1, t, c), lane(3, t, c)),
+                    )
+                }
+            });
+            // `ggml::reduce16` across the lanes, 16 output elements at once.
+            let t8: [__m512; 8] = std::array::from_fn(|i| _mm512_add_ps(f[8 + i], f[i]));
+            let t4: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(t8[4 + i], t8[i]));
+            let sum = _mm512_add_ps(_mm512_add_ps(t4[0], t4[2]), _mm512_add_ps(t4[1], t4[3]));
+            _mm512_storeu_ps(out.as_mut_ptr().add(c), sum);
         }
     }
 }
@@ -249,6 +435,61 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Every kernel set this CPU can run.
+    fn available() -> Vec<Kernels> {
+        let mut all = vec![Kernels::Portable];
+        if Kernels::detect(64) != Kernels::Portable {
+            all.push(Kernels::detect(64));
+        }
+        all
+    }
+
+    #[test]
+    fn simd_kernels_equal_portable_bit_for_bit() {
+        let d = 64;
+        for visible in [1, 15, 16, 17, 63, 64, 65, 130] {
+            let halves = |n: usize, seed: u32| -> Vec<f16> {
+                values(n, seed)
+                    .iter()
+                    .map(|&x| f16::from_f32(4.0 * x))
+                    .collect()
+            };
+            let (keys, vals) = (halves(visible * d, 7), halves(visible * d, 8));
+            let q: Vec<f32> = halves(d, 9).iter().map(|h| h.to_f32()).collect();
+            let p: Vec<f32> = halves(visible, 10)
+                .iter()
+                .map(|h| h.to_f32().abs())
+                .collect();
+            for gemm in [false, true] {
+                let sets = if gemm { 1 } else { 4 };
+                let run = |k: Kernels| {
+                    let (mut scores, mut row) = (vec![0f32; visible], vec![0f32; d]);
+                    k.scores(&q, &keys, gemm, 0.125, &mut scores, &mut row);
+                    // Stale lanes from an earlier, longer call must not leak in.
+                    let mut lanes = vec![f32::NAN; sets * 16 * d];
+                    let mut out = vec![0f32; d];
+                    k.weigh(&p, &vals, sets, &mut lanes, &mut out, &mut row);
+                    (scores, out)
+                };
+                let want = run(Kernels::Portable);
+                for k in available() {
+                    let got = run(k);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got.0),
+                        bits(&want.0),
+                        "{k:?} scores, {visible}, {gemm}"
+                    );
+                    assert_eq!(
+                        bits(&got.1),
+                        bits(&want.1),
+                        "{k:?} values, {visible}, {gemm}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
