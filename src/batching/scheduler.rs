@@ -281,8 +281,11 @@ impl<D: Decoder> Worker<D> {
                     Some(t) => (std::slice::from_ref(t), true),
                     None if prefill_budget > 0 => {
                         let left = s.request.prompt.len() - s.prefilled;
-                        let take = left.min(prefill_budget);
-                        prefill_budget -= take;
+                        let take = prompt_take(left, prefill_budget, self.policy.prefill_chunk);
+                        if take == 0 {
+                            continue;
+                        }
+                        prefill_budget = prefill_budget.saturating_sub(take);
                         let slice = &s.request.prompt[s.prefilled..s.prefilled + take];
                         (slice, take == left)
                     }
@@ -408,6 +411,26 @@ impl<D: Decoder> Worker<D> {
             prompt_tokens: s.request.prompt.len(),
             completion_tokens: s.generated,
         });
+    }
+}
+
+/// Prompt tokens a prefilling sequence takes this step, out of `left`, with `budget` of the
+/// step's prefill chunk still free. A slice of one token runs attention in the decode order
+/// (llama.cpp's `ggml_vec_dot_f16`), the rest of a prompt in the prompt order (tinyBLAS), and
+/// llama.cpp processes a whole prompt in the prompt order; so unless the chunk itself is one
+/// token, no slice of a longer prompt is one token long, and a prompt's tokens compute exactly
+/// as in one pass. The last lone token rides along (one over the budget), and a sequence that
+/// would get one token waits a step; the first in line always gets the whole chunk, so every
+/// prompt progresses.
+fn prompt_take(left: usize, budget: usize, chunk: usize) -> usize {
+    let take = left.min(budget);
+    if chunk < 2 || left == 1 {
+        return take;
+    }
+    match left - take {
+        1 => left,
+        _ if take == 1 => 0,
+        _ => take,
     }
 }
 
@@ -568,12 +591,35 @@ mod tests {
                 step.len() <= 3,
                 "more than max_concurrent_sequences in {step:?}"
             );
+            // Prompt slices are never one token long (`prompt_take`), so the chunks of more
+            // than one are the prompt's; one lone last token may ride along.
             let prefill: usize = step.iter().filter(|&&n| n > 1).sum();
             assert!(
-                prefill <= 4,
+                prefill <= 5,
                 "a step took {prefill} prompt tokens (chunk is 4)"
             );
         }
+    }
+
+    #[test]
+    fn prompt_slices_are_never_one_token_and_the_first_in_line_progresses() {
+        for chunk in 2..10 {
+            for budget in 1..=chunk {
+                for left in 1..30 {
+                    let take = prompt_take(left, budget, chunk);
+                    let at = format!("left {left}, budget {budget}, chunk {chunk}: {take}");
+                    assert!(take <= left && take <= budget + 1, "{at}");
+                    if left > 1 {
+                        assert!(take != 1 && left - take != 1, "{at}");
+                    }
+                    if budget == chunk {
+                        assert!(take > 0, "{at}");
+                    }
+                }
+            }
+        }
+        // One-token chunks by configuration: one token at a time, as asked.
+        assert_eq!(prompt_take(5, 1, 1), 1);
     }
 
     #[test]

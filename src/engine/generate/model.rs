@@ -4,7 +4,7 @@
 //! Each row's arithmetic does not depend on which other rows share the pass, so a sequence's
 //! output is the same alone or batched.
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::{self, CpuKv};
@@ -13,26 +13,107 @@ use super::gguf::LlamaConfig;
 use super::qlinear::QLinear;
 
 struct Layer {
-    attn_norm: Tensor,
-    q: QLinear,
-    k: QLinear,
-    v: QLinear,
+    attn_norm: Norm,
+    /// q, k and v.
+    qkv: Projections,
     o: QLinear,
-    ffn_norm: Tensor,
-    gate: QLinear,
-    up: QLinear,
+    ffn_norm: Norm,
+    /// gate and up.
+    gate_up: Projections,
     down: QLinear,
+}
+
+/// An RMS norm's weight, on the model's device and as host floats for the CPU path.
+struct Norm {
+    weight: Tensor,
+    host: Vec<f32>,
+}
+
+impl Norm {
+    fn new(weight: Tensor) -> candle_core::Result<Self> {
+        let host = weight.to_dtype(DType::F32)?.to_vec1()?;
+        Ok(Self { weight, host })
+    }
+}
+
+/// Projections of one input: one fused matmul where the kernels allow it (on CPU, every part in
+/// the same format), else one matmul each.
+enum Projections {
+    Fused { linear: QLinear, widths: Vec<usize> },
+    Separate(Vec<QLinear>),
+}
+
+impl Projections {
+    fn new(parts: Vec<QTensor>) -> candle_core::Result<Self> {
+        if let Some(linear) = QLinear::fused(&parts)? {
+            let widths = parts
+                .iter()
+                .map(|t| t.shape().dims2().map(|d| d.0))
+                .collect::<candle_core::Result<_>>()?;
+            return Ok(Self::Fused { linear, widths });
+        }
+        Ok(Self::Separate(
+            parts
+                .into_iter()
+                .map(QLinear::new)
+                .collect::<candle_core::Result<_>>()?,
+        ))
+    }
+
+    /// Each part's output for `x` `[rows, in]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        match self {
+            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Self::Fused { linear, widths } => {
+                let y = linear.forward(x)?;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        start += w;
+                        y.narrow(1, start - w, w)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Each part's output `[rows, out_i]` for host rows `x`.
+    fn forward_rows(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<Vec<f32>>> {
+        match self {
+            Self::Separate(parts) => parts.iter().map(|p| p.forward_rows(x, rows)).collect(),
+            Self::Fused { linear, widths } => {
+                let y = linear.forward_rows(x, rows)?;
+                let total: usize = widths.iter().sum();
+                let mut out: Vec<Vec<f32>> = widths
+                    .iter()
+                    .map(|w| Vec::with_capacity(rows * w))
+                    .collect();
+                for row in y.chunks_exact(total) {
+                    let mut start = 0;
+                    for (part, &w) in out.iter_mut().zip(widths) {
+                        part.extend_from_slice(&row[start..start + w]);
+                        start += w;
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
 }
 
 pub struct Llama {
     config: LlamaConfig,
     embeddings: Tensor,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Norm,
     output: QLinear,
-    /// `[context, rope_dim / 2]`, indexed by position.
+    /// `[context, rope_dim / 2]`, indexed by position: on the device, and on the host for the
+    /// CPU path.
     cos: Tensor,
     sin: Tensor,
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
     device: Device,
 }
 
@@ -80,7 +161,7 @@ impl Llama {
         let embeddings_q = tensor("token_embd.weight")?;
         // Rows are gathered per token; dequantised once, they cost one f32 copy of the table.
         let embeddings = embeddings_q.dequantize(device)?;
-        let norm = tensor("output_norm.weight")?.dequantize(device)?;
+        let norm = Norm::new(tensor("output_norm.weight")?.dequantize(device)?)?;
         // Models with tied embeddings reuse the table as the output projection.
         let output = match tensor("output.weight") {
             Ok(t) => t,
@@ -88,31 +169,29 @@ impl Llama {
         };
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
-            let mut q = |n: &str| -> candle_core::Result<QLinear> {
-                QLinear::new(tensor(&format!("blk.{i}.{n}.weight"))?)
-            };
-            let (qw, kw, vw, ow) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
-            let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
+            let mut q = |n: &str| tensor(&format!("blk.{i}.{n}.weight"));
+            let qkv = Projections::new(vec![q("attn_q")?, q("attn_k")?, q("attn_v")?])?;
+            let gate_up = Projections::new(vec![q("ffn_gate")?, q("ffn_up")?])?;
             layers.push(Layer {
-                attn_norm: tensor(&format!("blk.{i}.attn_norm.weight"))?.dequantize(device)?,
-                ffn_norm: tensor(&format!("blk.{i}.ffn_norm.weight"))?.dequantize(device)?,
-                q: qw,
-                k: kw,
-                v: vw,
-                o: ow,
-                gate,
-                up,
-                down,
+                attn_norm: Norm::new(q("attn_norm")?.dequantize(device)?)?,
+                qkv,
+                o: QLinear::new(q("attn_output")?)?,
+                ffn_norm: Norm::new(q("ffn_norm")?.dequantize(device)?)?,
+                gate_up,
+                down: QLinear::new(q("ffn_down")?)?,
             });
         }
-        let (cos, sin) = rope_tables(&config, device)?;
+        let (cos_host, sin_host) = rope_tables(&config);
+        let shape = (config.context_length, config.head_dim / 2);
         Ok(Self {
             embeddings,
             layers,
             norm,
             output: QLinear::new(output)?,
-            cos,
-            sin,
+            cos: Tensor::from_slice(&cos_host, shape, device)?,
+            sin: Tensor::from_slice(&sin_host, shape, device)?,
+            cos_host,
+            sin_host,
             device: device.clone(),
             config,
         })
@@ -153,9 +232,10 @@ impl Llama {
     /// Runs the chunks' tokens through the model, appending to each chunk's cache. Returns one
     /// row of logits `[vocab]` per chunk that asked for them, in chunk order.
     pub fn forward(&self, chunks: &mut [Chunk]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let c = &self.config;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
+        // The rows whose logits are wanted: the last of each chunk that asks.
+        let mut last_rows = Vec::new();
         for chunk in chunks.iter() {
             if chunk.cache.len + chunk.tokens.len() > chunk.cache.capacity {
                 candle_core::bail!(
@@ -168,132 +248,158 @@ impl Llama {
             ids.extend_from_slice(chunk.tokens);
             positions
                 .extend((chunk.cache.len..chunk.cache.len + chunk.tokens.len()).map(|p| p as u32));
+            if chunk.logits && !chunk.tokens.is_empty() {
+                last_rows.push(ids.len() - 1);
+            }
         }
-        let rows = ids.len();
-        if rows == 0 {
+        if ids.is_empty() {
             return Ok(Vec::new());
         }
+        let logits = if self.device.is_cpu() {
+            self.forward_cpu(chunks, &ids, &positions, &last_rows)?
+        } else {
+            self.forward_device(chunks, ids, positions, &last_rows)?
+        };
+        for chunk in chunks.iter_mut() {
+            chunk.cache.len += chunk.tokens.len();
+        }
+        Ok(logits)
+    }
+
+    /// The CPU pass, on host rows in llama.cpp's arithmetic (`ggml.rs`, `attention.rs` and the
+    /// Q8_1 kernels of `qlinear.rs`): every step whose output is quantized next must round as
+    /// llama.cpp's does, or a last-bit difference moves a quant.
+    fn forward_cpu(
+        &self,
+        chunks: &mut [Chunk],
+        ids: &[u32],
+        positions: &[u32],
+        last_rows: &[usize],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let (rows, hidden, d) = (ids.len(), c.hidden, c.head_dim);
+        let eps = c.rms_eps as f32;
+        let ids = Tensor::from_slice(ids, rows, &self.device)?;
+        let mut x: Vec<f32> = self
+            .embeddings
+            .index_select(&ids, 0)?
+            .flatten_all()?
+            .to_vec1()?;
+        let table = |t: &[f32]| -> Vec<f32> {
+            let mut rows = Vec::with_capacity(positions.len() * d / 2);
+            for &p in positions {
+                rows.extend_from_slice(&t[p as usize * (d / 2)..][..d / 2]);
+            }
+            rows
+        };
+        let (cos, sin) = (table(&self.cos_host), table(&self.sin_host));
+        let mut h = vec![0f32; rows * hidden];
+        for (li, layer) in self.layers.iter().enumerate() {
+            ggml::rms_norm(&x, &layer.attn_norm.host, eps, &mut h);
+            let [q, k, v] = parts(layer.qkv.forward_rows(&h, rows)?)?;
+            // [heads, rows, head_dim]
+            let q = ggml::rope(&q, c.heads, d, &cos, &sin, c.rope_neox);
+            let k = ggml::rope(&k, c.kv_heads, d, &cos, &sin, c.rope_neox);
+            let v = heads_first(&v, rows, c.kv_heads, d);
+            let attended = self.attend_cpu(li, chunks, &q, &k, &v, rows)?;
+            add_into(&mut x, &layer.o.forward_rows(&attended, rows)?);
+            ggml::rms_norm(&x, &layer.ffn_norm.host, eps, &mut h);
+            let [gate, up] = parts(layer.gate_up.forward_rows(&h, rows)?)?;
+            let mut gated = vec![0f32; gate.len()];
+            ggml::swiglu(&gate, &up, &mut gated);
+            add_into(&mut x, &layer.down.forward_rows(&gated, rows)?);
+        }
+        if last_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut last = Vec::with_capacity(last_rows.len() * hidden);
+        for &r in last_rows {
+            last.extend_from_slice(&x[r * hidden..][..hidden]);
+        }
+        let mut normed = vec![0f32; last.len()];
+        ggml::rms_norm(&last, &self.norm.host, eps, &mut normed);
+        let logits = self.output.forward_rows(&normed, last_rows.len())?;
+        let vocab = logits.len() / last_rows.len();
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// The pass on other devices, with candle's ops.
+    fn forward_device(
+        &self,
+        chunks: &mut [Chunk],
+        ids: Vec<u32>,
+        positions: Vec<u32>,
+        last_rows: &[usize],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let rows = ids.len();
         let ids = Tensor::from_vec(ids, rows, &self.device)?;
         let positions = Tensor::from_vec(positions, rows, &self.device)?;
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
         let eps = c.rms_eps as f32;
-        let rope_cpu = if self.device.is_cpu() {
-            let flat = |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
-            Some((flat(&cos)?, flat(&sin)?))
-        } else {
-            None
+        let rotate = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            let t = t
+                .reshape((1, rows, heads, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let t = if c.rope_neox {
+                candle_nn::rotary_emb::rope(&t, &cos, &sin)?
+            } else {
+                candle_nn::rotary_emb::rope_i(&t, &cos, &sin)?
+            };
+            t.squeeze(0)
         };
         let mut x = self.embeddings.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(&x, &layer.attn_norm, eps)?;
-            let rotate = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
-                if let Some((cos, sin)) = &rope_cpu {
-                    let x: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                    let out = ggml::rope(&x, heads, c.head_dim, cos, sin, c.rope_neox);
-                    return Tensor::from_vec(out, (heads, rows, c.head_dim), &self.device);
-                }
-                let t = t
-                    .reshape((1, rows, heads, c.head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-                let t = if c.rope_neox {
-                    candle_nn::rotary_emb::rope(&t, &cos, &sin)?
-                } else {
-                    candle_nn::rotary_emb::rope_i(&t, &cos, &sin)?
-                };
-                t.squeeze(0)
-            };
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm.weight, eps)?;
+            let [q, k, v] = parts(layer.qkv.forward(&h)?)?;
             // [heads, rows, head_dim]
-            let q = rotate(layer.q.forward(&h)?, c.heads)?;
-            let k = rotate(layer.k.forward(&h)?, c.kv_heads)?;
-            let v = layer
-                .v
-                .forward(&h)?
-                .reshape((rows, c.kv_heads, c.head_dim))?
-                .transpose(0, 1)?;
-            let attended = if self.device.is_cpu() {
-                self.attend_cpu(li, chunks, &q, &k, &v, rows)?
-            } else {
-                let mut outputs = Vec::with_capacity(chunks.len());
-                let mut start = 0;
-                for chunk in chunks.iter_mut() {
-                    let n = chunk.tokens.len();
-                    if n == 0 {
-                        continue;
-                    }
-                    outputs.push(self.attend(
-                        li,
-                        chunk.cache,
-                        &q.narrow(1, start, n)?,
-                        &k.narrow(1, start, n)?.contiguous()?,
-                        &v.narrow(1, start, n)?.contiguous()?,
-                    )?);
-                    start += n;
+            let q = rotate(q, c.heads)?;
+            let k = rotate(k, c.kv_heads)?;
+            let v = v.reshape((rows, c.kv_heads, c.head_dim))?.transpose(0, 1)?;
+            let mut outputs = Vec::with_capacity(chunks.len());
+            let mut start = 0;
+            for chunk in chunks.iter_mut() {
+                let n = chunk.tokens.len();
+                if n == 0 {
+                    continue;
                 }
-                Tensor::cat(&outputs, 0)?
-            };
-            x = (layer.o.forward(&attended)? + x)?;
-            let h = self.rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gated = self.swiglu(&layer.gate.forward(&h)?, &layer.up.forward(&h)?)?;
-            x = (layer.down.forward(&gated)? + x)?;
-        }
-        let mut last_rows = Vec::new();
-        let mut end = 0;
-        for chunk in chunks.iter_mut() {
-            end += chunk.tokens.len();
-            chunk.cache.len += chunk.tokens.len();
-            if chunk.logits && !chunk.tokens.is_empty() {
-                last_rows.push((end - 1) as u32);
+                outputs.push(self.attend(
+                    li,
+                    chunk.cache,
+                    &q.narrow(1, start, n)?,
+                    &k.narrow(1, start, n)?.contiguous()?,
+                    &v.narrow(1, start, n)?.contiguous()?,
+                )?);
+                start += n;
             }
+            x = (layer.o.forward(&Tensor::cat(&outputs, 0)?)? + x)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm.weight, eps)?;
+            let [gate, up] = parts(layer.gate_up.forward(&h)?)?;
+            x = (layer.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)? + x)?;
         }
         if last_rows.is_empty() {
             return Ok(Vec::new());
         }
         let n = last_rows.len();
+        let last_rows = last_rows.iter().map(|&r| r as u32).collect();
         let last = x.index_select(&Tensor::from_vec(last_rows, n, &self.device)?, 0)?;
-        let last = self.rms_norm(&last, &self.norm, eps)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm.weight, eps)?;
         self.output.forward(&last)?.to_dtype(DType::F32)?.to_vec2()
     }
 
-    /// RMS norm times the norm's weight; on CPU in llama.cpp's arithmetic (`ggml::rms_norm`):
-    /// its output is quantized next, and a last-bit difference here can move a quant.
-    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-        if !self.device.is_cpu() {
-            return candle_nn::ops::rms_norm(x, weight, eps);
-        }
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let w: Vec<f32> = weight.to_vec1()?;
-        let mut out = vec![0f32; xs.len()];
-        ggml::rms_norm(&xs, &w, eps, &mut out);
-        Tensor::from_vec(out, x.shape(), &self.device)
-    }
-
-    /// `silu(gate) · up`; on CPU with llama.cpp's `exp` (`ggml::silu`), for the same reason as
-    /// `rms_norm`.
-    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-        if !self.device.is_cpu() {
-            return candle_nn::ops::silu(gate)? * up;
-        }
-        let g: Vec<f32> = gate.flatten_all()?.to_vec1()?;
-        let u: Vec<f32> = up.flatten_all()?.to_vec1()?;
-        let mut out = vec![0f32; g.len()];
-        ggml::swiglu(&g, &u, &mut out);
-        Tensor::from_vec(out, gate.shape(), &self.device)
-    }
-
     /// Attention of every chunk's new rows over its cache, on CPU, in one parallel pass.
+    /// `q` is `[heads, rows, head_dim]`, `k` and `v` `[kv_heads, rows, head_dim]`.
     fn attend_cpu(
         &self,
         layer: usize,
         chunks: &mut [Chunk],
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
         rows: usize,
-    ) -> candle_core::Result<Tensor> {
-        let flat = |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
-        let (q, k, v) = (flat(q)?, flat(k)?, flat(&v.contiguous()?)?);
+    ) -> candle_core::Result<Vec<f32>> {
         let mut start = 0;
         let mut spans = Vec::with_capacity(chunks.len());
         for chunk in chunks.iter_mut() {
@@ -310,12 +416,15 @@ impl Llama {
             });
             start += n;
         }
-        let out = attention::attend(layer, self.attention_shape(), &mut spans, &q, &k, &v, rows);
-        Tensor::from_vec(
-            out,
-            (rows, self.config.heads * self.config.head_dim),
-            &self.device,
-        )
+        Ok(attention::attend(
+            layer,
+            self.attention_shape(),
+            &mut spans,
+            q,
+            k,
+            v,
+            rows,
+        ))
     }
 
     /// Attention of one sequence's new rows over its cache (after appending them), with
@@ -382,10 +491,36 @@ fn round_f16(t: &Tensor) -> candle_core::Result<Tensor> {
     t.to_dtype(DType::F16)?.to_dtype(DType::F32)
 }
 
+/// The `N` parts of a projection, as an array.
+fn parts<T, const N: usize>(parts: Vec<T>) -> candle_core::Result<[T; N]> {
+    let n = parts.len();
+    parts
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("{n} projections where {N} were expected")))
+}
+
+/// `[rows, heads, dim]` to `[heads, rows, dim]`.
+fn heads_first(x: &[f32], rows: usize, heads: usize, dim: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for h in 0..heads {
+        for r in 0..rows {
+            out.extend_from_slice(&x[(r * heads + h) * dim..][..dim]);
+        }
+    }
+    out
+}
+
+/// `x += y`, element by element (the residual connections).
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (x, y) in x.iter_mut().zip(y) {
+        *x += y;
+    }
+}
+
 /// cos and sin of every position's rotation angles, `[context, head_dim / 2]`, computed as
 /// llama.cpp does (`ggml_rope_cache_init`): the angle of pair i is the position times
 /// `base^(-2/d)` applied i times in f32, so long contexts round the same way.
-fn rope_tables(config: &LlamaConfig, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+fn rope_tables(config: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
     let half = config.head_dim / 2;
     let scale = config.rope_base.powf(-2.0 / config.head_dim as f32);
     let mut cos = Vec::with_capacity(config.context_length * half);
@@ -398,9 +533,5 @@ fn rope_tables(config: &LlamaConfig, device: &Device) -> candle_core::Result<(Te
             theta *= scale;
         }
     }
-    let shape = (config.context_length, half);
-    Ok((
-        Tensor::from_vec(cos, shape, device)?,
-        Tensor::from_vec(sin, shape, device)?,
-    ))
+    (cos, sin)
 }

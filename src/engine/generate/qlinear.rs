@@ -155,6 +155,58 @@ impl QLinear {
         })
     }
 
+    /// One layer over several GGUF tensors `[out_i, in]` stacked along `out` (a model's q, k
+    /// and v projections), so that one call quantizes the input once and one pass of the pool
+    /// computes them all. Every output column is computed as it would be alone, so the parts'
+    /// values are unchanged. `None` where the kernels here do not cover the parts (another
+    /// format, another device, or parts that differ in format or `in`).
+    pub fn fused(parts: &[QTensor]) -> Result<Option<Self>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let format = match first.dtype() {
+            GgmlDType::Q4_1 => Format::Q4_1,
+            GgmlDType::Q8_0 => Format::Q8_0,
+            _ => return Ok(None),
+        };
+        let (mut out, mut raw) = (0, Vec::new());
+        let k = first.shape().dims2()?.1;
+        for t in parts {
+            let (o, kt) = t.shape().dims2()?;
+            if t.dtype() != first.dtype() || !t.device().is_cpu() || kt != k || k % QK != 0 {
+                return Ok(None);
+            }
+            out += o;
+            raw.extend_from_slice(&t.data()?);
+        }
+        Ok(Some(Self {
+            inner: Inner::Packed(Packed::new(format, &raw, out, k)?),
+        }))
+    }
+
+    /// `x` is `rows` rows of `in` f32s on the CPU; returns `[rows, out]`.
+    pub fn forward_rows(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        match &self.inner {
+            Inner::Packed(p) => {
+                if x.len() != rows * p.nb * QK {
+                    candle_core::bail!(
+                        "QLinear: {} inputs for {rows} rows of {}",
+                        x.len(),
+                        p.nb * QK
+                    );
+                }
+                let mut dst = vec![0f32; rows * p.out];
+                p.matmul(Isa::detect(), x, rows, &mut dst);
+                Ok(dst)
+            }
+            Inner::Candle(_) => {
+                let k = x.len().checked_div(rows).unwrap_or(0);
+                let x = Tensor::from_slice(x, (rows, k), &Device::Cpu)?;
+                self.forward(&x)?.flatten_all()?.to_vec1()
+            }
+        }
+    }
+
     /// `x` is `[.., in]`; returns `[.., out]` in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let packed = match &self.inner {
@@ -262,7 +314,7 @@ impl Packed {
         let k = self.nb * QK;
         assert_eq!(x.len(), rows * k, "QLinear: input length");
         assert_eq!(dst.len(), rows * self.out, "QLinear: output length");
-        let acts = Acts::new(self.format, x, rows, k);
+        let acts = Acts::new(self.format, isa, x, rows, k);
         let dst = DstPtr(dst.as_mut_ptr());
         // Groups outermost: a group's weights come from memory once and stay in L1 for every row
         // tile after the first.
@@ -377,7 +429,7 @@ struct Acts {
 impl Acts {
     /// ggml's x86 `quantize_row_q8_1` (for Q4_1 weights) or `quantize_row_q8_0`, operation for
     /// operation, so that the quants are llama.cpp's.
-    fn new(format: Format, x: &[f32], rows: usize, k: usize) -> Self {
+    fn new(format: Format, isa: Isa, x: &[f32], rows: usize, k: usize) -> Self {
         let nb = k / QK;
         let mut acts = Acts {
             rows,
@@ -387,7 +439,17 @@ impl Acts {
             s: vec![0.0; rows * nb],
             bias: vec![0; rows * nb],
         };
-        quantize_blocks(x, &mut acts.qs, &mut acts.d, &mut acts.s, &mut acts.bias);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                // SAFETY: `Isa::Avx512Vnni` is only chosen when the CPU has avx512f (and every
+                // such CPU has f16c); the buffers were sized for `x` just above.
+                unsafe {
+                    x86::quantize_blocks(x, &mut acts.qs, &mut acts.d, &mut acts.s, &mut acts.bias)
+                }
+            }
+            _ => quantize_blocks(x, &mut acts.qs, &mut acts.d, &mut acts.s, &mut acts.bias),
+        }
         match format {
             Format::Q4_1 => acts.bias = Vec::new(),
             Format::Q8_0 => acts.s = Vec::new(),
@@ -505,6 +567,51 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Acts, Format, LANES, QK};
+
+    /// `super::quantize_blocks` 16 lanes at a time: the same operations, so the same bytes
+    /// (the max of absolute values is exact in any order, and `cvtps_epi32` rounds half to even
+    /// as `round_i8` does).
+    ///
+    /// # Safety
+    /// The CPU has avx512f and f16c; `x.len()` is a multiple of 32, `qs` as long, and `d`, `s`
+    /// and `bias` hold one entry per block.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) unsafe fn quantize_blocks(
+        x: &[f32],
+        qs: &mut [i8],
+        d: &mut [f32],
+        s: &mut [f32],
+        bias: &mut [i32],
+    ) {
+        let blocks = x.len() / QK;
+        assert!(qs.len() == x.len() && d.len() >= blocks && s.len() >= blocks);
+        assert!(bias.len() >= blocks);
+        let f16_round = |v: f32| -> f32 {
+            let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(v));
+            _mm_cvtss_f32(_mm_cvtph_ps(h))
+        };
+        // SAFETY (every raw access below): block i covers x[32 i..32 i + 32] and the same
+        // range of `qs`, in bounds by the asserts above.
+        unsafe {
+            for i in 0..blocks {
+                let v0 = _mm512_loadu_ps(x.as_ptr().add(i * QK));
+                let v1 = _mm512_loadu_ps(x.as_ptr().add(i * QK + 16));
+                let amax =
+                    _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+                let scale = amax / 127.0;
+                let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+                let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
+                let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+                let out = qs.as_mut_ptr().add(i * QK).cast::<__m128i>();
+                _mm_storeu_si128(out, _mm512_cvtsepi32_epi8(q0));
+                _mm_storeu_si128(out.add(1), _mm512_cvtsepi32_epi8(q1));
+                let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+                d[i] = f16_round(scale);
+                s[i] = f16_round(scale * sum as f32);
+                bias[i] = 128 * sum;
+            }
+        }
+    }
 
     /// Broadcasts the four activation quants at `p` to every 32-bit lane.
     ///
@@ -845,7 +952,7 @@ mod tests {
                 let w = quantized(out, k, dtype);
                 let x = tensor(rows, k, 99);
                 let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let acts = Acts::new(fmt, &xs, rows, k);
+                let acts = Acts::new(fmt, Isa::detect(), &xs, rows, k);
                 let wb = w.data().unwrap().to_vec();
                 let got = QLinear::new(w)
                     .unwrap()
@@ -899,10 +1006,25 @@ mod tests {
     fn activation_quantisation_is_ggml_avx() {
         let (rows, k) = (3, 576);
         let x = tensor(rows, k, 5);
-        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let a1 = Acts::new(Format::Q4_1, &xs, rows, k);
-        let a0 = Acts::new(Format::Q8_0, &xs, rows, k);
-        // ggml's x86 `quantize_row_q8_1` / `quantize_row_q8_0`, written out plainly.
+        let mut xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // A block with amax 127 (id 1), so that halves are exact ties, and an all-zero block.
+        for (i, v) in xs[..QK].iter_mut().enumerate() {
+            *v = if i == 0 {
+                127.0
+            } else {
+                (i as f32 - 16.0) + 0.5
+            };
+        }
+        xs[QK..2 * QK].fill(0.0);
+        for isa in Isa::available() {
+            let a1 = Acts::new(Format::Q4_1, isa, &xs, rows, k);
+            let a0 = Acts::new(Format::Q8_0, isa, &xs, rows, k);
+            check_ggml_quants(&xs, &a1, &a0);
+        }
+    }
+
+    /// ggml's x86 `quantize_row_q8_1` / `quantize_row_q8_0`, written out plainly.
+    fn check_ggml_quants(xs: &[f32], a1: &Acts, a0: &Acts) {
         for (i, block) in xs.chunks_exact(QK).enumerate() {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
