@@ -55,6 +55,7 @@ pub struct Metrics {
     time_per_output_token_seconds: HistogramVec,
     generation_duration_seconds: HistogramVec,
     prompt_tokens_total: IntCounterVec,
+    prompt_cached_tokens_total: IntCounterVec,
     generated_tokens_total: IntCounterVec,
     running_sequences: IntGaugeVec,
     kv_cache_tokens: IntGaugeVec,
@@ -71,9 +72,12 @@ pub struct GenerateMetrics {
     pub time_per_output_token_seconds: Histogram,
     pub generation_duration_seconds: Histogram,
     pub prompt_tokens_total: IntCounter,
+    /// Prompt tokens taken from the prefix cache instead of computed.
+    pub prompt_cached_tokens_total: IntCounter,
     pub generated_tokens_total: IntCounter,
     pub running_sequences: IntGauge,
-    /// Tokens of KV cache reserved by running sequences (prompt + max_tokens each).
+    /// Tokens of KV cache reserved: by running sequences (prompt + max_tokens each) and by the
+    /// prompts the prefix cache keeps.
     pub kv_cache_tokens: IntGauge,
     pub kv_cache_usage_ratio: prometheus::Gauge,
 }
@@ -201,7 +205,18 @@ impl Metrics {
                 &["model"],
             ),
             prompt_tokens_total: IntCounterVec::new(
-                Opts::new("ember_prompt_tokens_total", "Prompt tokens prefilled."),
+                Opts::new(
+                    "ember_prompt_tokens_total",
+                    "Prompt tokens prefilled (computed; cached ones are counted apart).",
+                ),
+                &["model"],
+            )
+            .expect("valid counter"),
+            prompt_cached_tokens_total: IntCounterVec::new(
+                Opts::new(
+                    "ember_prompt_cached_tokens_total",
+                    "Prompt tokens whose KV cache came from the prefix cache instead of a forward pass.",
+                ),
                 &["model"],
             )
             .expect("valid counter"),
@@ -253,6 +268,7 @@ impl Metrics {
             Box::new(m.time_per_output_token_seconds.clone()),
             Box::new(m.generation_duration_seconds.clone()),
             Box::new(m.prompt_tokens_total.clone()),
+            Box::new(m.prompt_cached_tokens_total.clone()),
             Box::new(m.generated_tokens_total.clone()),
             Box::new(m.running_sequences.clone()),
             Box::new(m.kv_cache_tokens.clone()),
@@ -285,6 +301,7 @@ impl Metrics {
             time_per_output_token_seconds: self.time_per_output_token_seconds.with_label_values(l),
             generation_duration_seconds: self.generation_duration_seconds.with_label_values(l),
             prompt_tokens_total: self.prompt_tokens_total.with_label_values(l),
+            prompt_cached_tokens_total: self.prompt_cached_tokens_total.with_label_values(l),
             generated_tokens_total: self.generated_tokens_total.with_label_values(l),
             running_sequences: self.running_sequences.with_label_values(l),
             kv_cache_tokens: self.kv_cache_tokens.with_label_values(l),

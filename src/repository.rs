@@ -86,6 +86,10 @@ pub struct GeneratePolicy {
     pub default_max_tokens: usize,
     /// Caps the context below the model's own (0 = the model's).
     pub context_length: usize,
+    /// Finished prompts whose KV cache is kept, so that a later prompt that starts the same way
+    /// (a system prompt, earlier chat turns) skips computing that part (0 = off). They count
+    /// against `max_total_tokens` and are dropped, oldest first, when admission needs the room.
+    pub prefix_cache_entries: usize,
 }
 
 impl Default for GeneratePolicy {
@@ -97,6 +101,7 @@ impl Default for GeneratePolicy {
             max_waiting: 64,
             default_max_tokens: 256,
             context_length: 0,
+            prefix_cache_entries: 8,
         }
     }
 }

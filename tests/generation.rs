@@ -111,6 +111,17 @@ async fn completions_and_chat_equal_llama_cpp_greedy() {
             if stopped { "stop" } else { "length" }
         );
     }
+    // The chats share the template's system prompt: later ones copied its KV cache from the
+    // prefix cache, and still gave llama.cpp's tokens.
+    let cached = metric(
+        &server.metrics().await,
+        &format!("ember_prompt_cached_tokens_total{{model=\"{SMOLLM}\"}}"),
+    )
+    .unwrap_or(0.0);
+    assert!(
+        cached > 0.0,
+        "no prompt took its start from the prefix cache"
+    );
 }
 
 #[tokio::test]

@@ -22,6 +22,13 @@ pub trait Decoder: Send + 'static {
     fn new_cache(&self, capacity: usize) -> Result<Self::Cache, String>;
     /// Appends each chunk's tokens to its cache; one logits row per chunk that asks for them.
     fn forward(&self, chunks: &mut [Chunk<'_, Self::Cache>]) -> Result<Vec<Vec<f32>>, String>;
+    /// Makes `to` (a fresh cache) hold the first `len` positions of `from`.
+    fn copy_prefix(
+        &self,
+        from: &Self::Cache,
+        to: &mut Self::Cache,
+        len: usize,
+    ) -> Result<(), String>;
     /// Bytes a token adds to the generated text.
     fn piece(&self, token: u32) -> &[u8];
     fn is_end_of_generation(&self, token: u32) -> bool;
@@ -106,6 +113,7 @@ impl Scheduler {
             wait: wait.clone(),
             queue: VecDeque::new(),
             running: Vec::new(),
+            retained: VecDeque::new(),
             reserved: 0,
         };
         std::thread::Builder::new()
@@ -157,6 +165,15 @@ struct Sequence<C> {
     unsent_tokens: usize,
 }
 
+/// A finished prompt and its KV cache, compacted to the prompt's positions (the prefix cache).
+struct Retained<C> {
+    prompt: Vec<u32>,
+    cache: C,
+}
+
+/// Shortest prompt prefix worth copying from the prefix cache.
+const MIN_PREFIX: usize = 4;
+
 struct Worker<D: Decoder> {
     decoder: D,
     policy: GeneratePolicy,
@@ -166,7 +183,9 @@ struct Worker<D: Decoder> {
     wait: QueueWait,
     queue: VecDeque<GenerationRequest>,
     running: Vec<Sequence<D::Cache>>,
-    /// KV tokens reserved by running sequences.
+    /// The prefix cache, most recently used first.
+    retained: VecDeque<Retained<D::Cache>>,
+    /// KV tokens reserved by running sequences and retained prompts.
     reserved: usize,
 }
 
@@ -224,6 +243,13 @@ impl<D: Decoder> Worker<D> {
                 break;
             };
             let reserve = head.reserve();
+            // Retained prompts give way to new requests.
+            while self.reserved + reserve > self.policy.max_total_tokens {
+                let Some(old) = self.retained.pop_back() else {
+                    break;
+                };
+                self.reserved -= old.prompt.len();
+            }
             if self.reserved + reserve > self.policy.max_total_tokens && !self.running.is_empty() {
                 break;
             }
@@ -235,26 +261,103 @@ impl<D: Decoder> Worker<D> {
                 .queue_duration_seconds
                 .observe(waited.as_secs_f64());
             self.wait.observe(waited);
-            let cache = match self.decoder.new_cache(reserve) {
+            let mut cache = match self.decoder.new_cache(reserve) {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = request.events.send(Event::Failed(e));
                     continue;
                 }
             };
+            let prefilled = self.reuse_prefix(&request.prompt, &mut cache);
+            self.metrics
+                .prompt_cached_tokens_total
+                .inc_by(prefilled as u64);
             self.reserved += reserve;
             let sampler = Sampler::new(request.sampling.clone(), &request.prompt);
             let text = TextStream::new(request.stop.clone());
             self.running.push(Sequence {
                 request,
                 cache,
-                prefilled: 0,
+                prefilled,
                 next: None,
                 generated: 0,
                 sampler,
                 text,
                 first_token_at: None,
                 unsent_tokens: 0,
+            });
+        }
+    }
+
+    /// Copies into `cache` the longest start of `prompt` that the prefix cache holds; returns
+    /// how many positions it copied. At least two prompt tokens are left to compute, so that the
+    /// rest of the prompt runs in the prompt order (`prompt_take`) and the sequence's numbers
+    /// are those of the prompt run in one pass.
+    fn reuse_prefix(&mut self, prompt: &[u32], cache: &mut D::Cache) -> usize {
+        let common = |r: &Retained<D::Cache>| {
+            r.prompt
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        // The longest match; the most recently used among equals.
+        let best = self
+            .retained
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (common(r), i))
+            .min_by_key(|&(len, i)| (std::cmp::Reverse(len), i));
+        let Some((len, i)) = best else {
+            return 0;
+        };
+        let len = len.min(prompt.len().saturating_sub(2));
+        if len < MIN_PREFIX
+            || self
+                .decoder
+                .copy_prefix(&self.retained[i].cache, cache, len)
+                .is_err()
+        {
+            return 0;
+        }
+        let entry = self.retained.remove(i).expect("index from the search");
+        self.retained.push_front(entry);
+        len
+    }
+
+    /// Keeps a finished sequence's prompt and its part of the cache in the prefix cache. Every
+    /// prompt position was computed in the prompt order (`prompt_take`), so a later prompt that
+    /// copies them gets the numbers a pass over its whole prompt would give. Generated positions
+    /// ran in the decode order and are not kept.
+    fn retain(&mut self, s: Sequence<D::Cache>) {
+        let n = s.request.prompt.len();
+        let entries = self.policy.prefix_cache_entries;
+        if entries == 0 || self.policy.prefill_chunk < 2 || n < MIN_PREFIX + 2 || s.prefilled < n {
+            return;
+        }
+        // An entry that this prompt extends or repeats has nothing left to offer.
+        let before: usize = self.retained.iter().map(|r| r.prompt.len()).sum();
+        self.retained
+            .retain(|r| !s.request.prompt.starts_with(&r.prompt));
+        let after: usize = self.retained.iter().map(|r| r.prompt.len()).sum();
+        self.reserved -= before - after;
+        while self.retained.len() >= entries
+            || (self.reserved + n > self.policy.max_total_tokens && !self.retained.is_empty())
+        {
+            let old = self.retained.pop_back().expect("not empty");
+            self.reserved -= old.prompt.len();
+        }
+        if self.reserved + n > self.policy.max_total_tokens {
+            return;
+        }
+        let Ok(mut cache) = self.decoder.new_cache(n) else {
+            return;
+        };
+        if self.decoder.copy_prefix(&s.cache, &mut cache, n).is_ok() {
+            self.reserved += n;
+            self.retained.push_front(Retained {
+                prompt: s.request.prompt,
+                cache,
             });
         }
     }
@@ -318,6 +421,7 @@ impl<D: Decoder> Worker<D> {
                 for s in self.running.drain(..) {
                     let _ = s.request.events.send(Event::Failed(e.clone()));
                 }
+                self.retained.clear();
                 self.reserved = 0;
                 return;
             }
@@ -351,6 +455,7 @@ impl<D: Decoder> Worker<D> {
         for i in finished.into_iter().rev() {
             let s = self.running.remove(i);
             self.reserved -= s.request.reserve();
+            self.retain(s);
         }
     }
 
@@ -487,6 +592,20 @@ mod tests {
             Ok(out)
         }
 
+        fn copy_prefix(
+            &self,
+            from: &Vec<u32>,
+            to: &mut Vec<u32>,
+            len: usize,
+        ) -> Result<(), String> {
+            if len > from.len() || len > to.capacity() {
+                return Err("prefix out of range".into());
+            }
+            to.clear();
+            to.extend_from_slice(&from[..len]);
+            Ok(())
+        }
+
         fn piece(&self, token: u32) -> &[u8] {
             const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
             &LETTERS[token as usize % 52..token as usize % 52 + 1]
@@ -620,6 +739,36 @@ mod tests {
         }
         // One-token chunks by configuration: one token at a time, as asked.
         assert_eq!(prompt_take(5, 1, 1), 1);
+    }
+
+    #[test]
+    fn a_prompt_that_starts_like_a_finished_one_computes_only_the_rest() {
+        let solo = |prompt: &[u32]| {
+            let s = Scheduler::spawn("m", Fake::default(), policy(), GenerateMetrics::detached())
+                .unwrap();
+            let (r, mut rx) = request(prompt.to_vec(), 3);
+            s.submit(r).unwrap();
+            collect(&mut rx)
+        };
+        let fake = Fake::default();
+        let metrics = GenerateMetrics::detached();
+        let s = Scheduler::spawn("m", fake.clone(), policy(), metrics.clone()).unwrap();
+        let first: Vec<u32> = (1..=10).collect();
+        let mut second = first[..8].to_vec();
+        second.extend([20, 21, 22]);
+        // The second shares 8 tokens with the first; the third repeats the first, and still
+        // computes its last two.
+        for (prompt, cached) in [(&first, 0), (&second, 8), (&first, 16)] {
+            let (r, mut rx) = request(prompt.clone(), 3);
+            s.submit(r).unwrap();
+            assert_eq!(collect(&mut rx), solo(prompt));
+            assert_eq!(metrics.prompt_cached_tokens_total.get(), cached);
+        }
+        // Prompt slices are never one token long, so the longer chunks are all the prompt
+        // tokens computed: 10, then 3, then 2.
+        let steps = fake.steps.lock().unwrap();
+        let computed: usize = steps.iter().flatten().filter(|&&n| n > 1).sum();
+        assert_eq!(computed, 10 + 3 + 2);
     }
 
     #[test]

@@ -42,6 +42,24 @@ impl CpuKv {
     }
 }
 
+impl CpuKv {
+    /// Copies positions `..len` of every layer into `to` (a cache of the same model).
+    pub fn copy_prefix(&self, to: &mut CpuKv, shape: Shape, len: usize) {
+        let d = shape.head_dim;
+        for (from, to_layers, cap_to) in [
+            (&self.keys, &mut to.keys, to.capacity),
+            (&self.values, &mut to.values, to.capacity),
+        ] {
+            for (src, dst) in from.iter().zip(to_layers.iter_mut()) {
+                for h in 0..shape.kv_heads {
+                    let n = len * d;
+                    dst[h * cap_to * d..][..n].copy_from_slice(&src[h * self.capacity * d..][..n]);
+                }
+            }
+        }
+    }
+}
+
 /// One sequence's part of a forward pass: its rows `start..start + n` of the batch, whose
 /// positions are `past..past + n`.
 pub struct Span<'a> {

@@ -120,6 +120,12 @@ impl crate::batching::scheduler::Decoder for Generator {
         self.model.forward(chunks).map_err(|e| e.to_string())
     }
 
+    fn copy_prefix(&self, from: &KvCache, to: &mut KvCache, len: usize) -> Result<(), String> {
+        self.model
+            .copy_prefix(from, to, len)
+            .map_err(|e| e.to_string())
+    }
+
     fn piece(&self, token: u32) -> &[u8] {
         self.tokenizer.piece(token)
     }

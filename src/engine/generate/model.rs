@@ -221,6 +221,40 @@ impl Llama {
         })
     }
 
+    /// Makes `to` hold the first `len` positions of `from` (both caches of this model), as if
+    /// they had been computed into it.
+    pub fn copy_prefix(
+        &self,
+        from: &KvCache,
+        to: &mut KvCache,
+        len: usize,
+    ) -> candle_core::Result<()> {
+        if len > from.len || len > to.capacity {
+            candle_core::bail!(
+                "prefix of {len} tokens from a cache of {} into one of capacity {}",
+                from.len,
+                to.capacity
+            );
+        }
+        match (&from.store, &mut to.store) {
+            (Store::Cpu(a), Store::Cpu(b)) => a.copy_prefix(b, self.attention_shape(), len),
+            (
+                Store::Device { keys, values },
+                Store::Device {
+                    keys: to_keys,
+                    values: to_values,
+                },
+            ) => {
+                for (src, dst) in keys.iter().zip(to_keys).chain(values.iter().zip(to_values)) {
+                    dst.slice_set(&src.narrow(1, 0, len)?, 1, 0)?;
+                }
+            }
+            _ => candle_core::bail!("caches on different devices"),
+        }
+        to.len = len;
+        Ok(())
+    }
+
     fn attention_shape(&self) -> attention::Shape {
         attention::Shape {
             heads: self.config.heads,
