@@ -99,9 +99,20 @@ macro_rules! fma_dispatched {
 
 pub(super) use fma_dispatched;
 
+/// `ggml_vec_swiglu_f32`: `silu(gate) · up`, element by element, into `out`.
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    assert!(gate.len() == out.len() && up.len() == out.len());
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was just detected; lengths are asserted above.
+        unsafe { x86::swiglu(gate, up, out) };
+        return;
+    }
+    swiglu_portable(gate, up, out);
+}
+
 fma_dispatched! {
-    /// `ggml_vec_swiglu_f32`: `silu(gate) · up`, element by element, into `out`.
-    pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    fn swiglu_portable(gate: &[f32], up: &[f32], out: &mut [f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
             *o = silu(g) * u;
         }
@@ -156,13 +167,23 @@ fma_dispatched! {
     }
 }
 
+/// `ggml_vec_soft_max_f32` and the scaling after it, in place: `expf(x - max)` in blocks of
+/// 16 (each block's sum reduced as `_mm512_reduce_add_ps`, the block sums added in f64),
+/// then every value times the f32 of `1 / sum`. ggml runs it over the KV cache padded to a
+/// multiple of 256 with masked (zero) entries; those add nothing, but the blocks start at
+/// position 0.
+pub fn softmax(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was just detected.
+        unsafe { x86::softmax(x) };
+        return;
+    }
+    softmax_portable(x);
+}
+
 fma_dispatched! {
-    /// `ggml_vec_soft_max_f32` and the scaling after it, in place: `expf(x - max)` in blocks of
-    /// 16 (each block's sum reduced as `_mm512_reduce_add_ps`, the block sums added in f64),
-    /// then every value times the f32 of `1 / sum`. ggml runs it over the KV cache padded to a
-    /// multiple of 256 with masked (zero) entries; those add nothing, but the blocks start at
-    /// position 0.
-    pub fn softmax(x: &mut [f32]) {
+    fn softmax_portable(x: &mut [f32]) {
         let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f64;
         for block in x.chunks_mut(16) {
@@ -222,6 +243,102 @@ pub fn dot_f16_gemm(a: &[f32], b: &[f32]) -> f32 {
     reduce16(&acc)
 }
 
+/// ggml's AVX-512 `ggml_v_expf` and the loops built on it, with the intrinsics ggml uses (the
+/// portable functions above compute the same numbers one lane at a time).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn splat(bits: u32) -> __m512 {
+        _mm512_set1_ps(f32::from_bits(bits))
+    }
+
+    /// `ggml_v_expf`, 16 lanes.
+    #[inline(always)]
+    unsafe fn expf(x: __m512) -> __m512 {
+        let r = splat(0x4b40_0000);
+        let z = _mm512_fmadd_ps(x, splat(0x3fb8_aa3b), r);
+        let n = _mm512_sub_ps(z, r);
+        let b = _mm512_fnmadd_ps(
+            n,
+            splat(0x35bf_be8e),
+            _mm512_fnmadd_ps(n, splat(0x3f31_7200), x),
+        );
+        let d = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+        let u = _mm512_mul_ps(b, b);
+        let j = _mm512_fmadd_ps(
+            _mm512_fmadd_ps(
+                _mm512_fmadd_ps(splat(0x3c07_2010), b, splat(0x3d2b_9f17)),
+                u,
+                _mm512_fmadd_ps(splat(0x3e2a_af33), b, splat(0x3eff_fedb)),
+            ),
+            u,
+            _mm512_fmadd_ps(splat(0x3f7f_fff6), b, _mm512_set1_ps(1.0)),
+        );
+        let res = _mm512_scalef_ps(j, n);
+        if d == 0 {
+            return res;
+        }
+        let zero = _mm512_setzero_ps();
+        let le = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, zero);
+        let alt = _mm512_mask_blend_ps(le, _mm512_set1_ps(f32::INFINITY), zero);
+        _mm512_mask_blend_ps(d, res, alt)
+    }
+
+    /// # Safety
+    /// The CPU has avx512f; the three slices have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        let n = out.len() / 16 * 16;
+        let one = _mm512_set1_ps(1.0);
+        for i in (0..n).step_by(16) {
+            let g = _mm512_loadu_ps(gate.as_ptr().add(i));
+            // `ggml_v_silu`: x / (1 + expf(0 - x)).
+            let e = expf(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            let silu = _mm512_div_ps(g, _mm512_add_ps(one, e));
+            let y = _mm512_mul_ps(silu, _mm512_loadu_ps(up.as_ptr().add(i)));
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), y);
+        }
+        for i in n..out.len() {
+            out[i] = super::silu(gate[i]) * up[i];
+        }
+    }
+
+    /// # Safety
+    /// The CPU has avx512f.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax(x: &mut [f32]) {
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let m = _mm512_set1_ps(max);
+        let mut sum = 0f64;
+        for i in (0..x.len()).step_by(16) {
+            // The last block's missing lanes are zeros, as ggml's masked padding.
+            let k: __mmask16 = if x.len() - i >= 16 {
+                0xffff
+            } else {
+                (1u16 << (x.len() - i)) - 1
+            };
+            let p = x.as_mut_ptr().add(i);
+            let v = _mm512_maskz_mov_ps(k, expf(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p), m)));
+            _mm512_mask_storeu_ps(p, k, v);
+            let mut lanes = [0f32; 16];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+            sum += super::reduce16(&lanes) as f64;
+        }
+        let inv = _mm512_set1_ps((1.0 / sum) as f32);
+        for i in (0..x.len()).step_by(16) {
+            let k: __mmask16 = if x.len() - i >= 16 {
+                0xffff
+            } else {
+                (1u16 << (x.len() - i)) - 1
+            };
+            let p = x.as_mut_ptr().add(i);
+            _mm512_mask_storeu_ps(p, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p), inv));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +372,27 @@ mod tests {
         w[2] = e;
         w[6] = e;
         assert_eq!(reduce8(&w), 1.0 + 2.0 * e);
+    }
+
+    #[test]
+    fn vector_loops_equal_the_portable_ones_bit_for_bit() {
+        // Values across expf's whole range, its saturation included.
+        let x: Vec<f32> = (0..4000)
+            .map(|i| ((i as f32) * 0.731).sin() * (1.0 + (i % 97) as f32 * 1.3))
+            .chain([-200.0, 200.0, -88.0, 89.0, 0.0, -0.0])
+            .collect();
+        let up: Vec<f32> = x.iter().map(|v| v.cos()).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        swiglu(&x, &up, &mut a);
+        swiglu_portable(&x, &up, &mut b);
+        assert_eq!(bits(&a), bits(&b));
+        for len in [1, 15, 16, 17, 100, 256, 1000] {
+            let (mut a, mut b) = (x[..len].to_vec(), x[..len].to_vec());
+            softmax(&mut a);
+            softmax_portable(&mut b);
+            assert_eq!(bits(&a), bits(&b), "{len}");
+        }
     }
 
     #[test]
