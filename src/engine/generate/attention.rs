@@ -213,15 +213,16 @@ impl Kernels {
     ) {
         let d = out.len();
         assert!(values.len() >= p.len() * d && lanes.len() == sets * 16 * d && row.len() == d);
+        assert!(sets == 1 || sets == 4);
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernels::Avx512 {
+            // SAFETY: as in `scores`; `lanes` holds at least 16 rows of `d`.
+            unsafe { x86::weigh(p, values, sets, lanes, out) };
+            return;
+        }
         // Lane rows that no position reaches stay zero and are never written.
         let used = p.len().min(sets * 16);
         lanes[..used * d].fill(0.0);
-        #[cfg(target_arch = "x86_64")]
-        if self == Kernels::Avx512 {
-            // SAFETY: as in `scores`.
-            unsafe { x86::weigh(p, values, sets, used, lanes, out) };
-            return;
-        }
         for (j, &pj) in p.iter().enumerate() {
             values[j * d..(j + 1) * d].convert_to_f32_slice(row);
             let lane = &mut lanes[((j / 16) % sets * 16 + j % 16) * d..][..d];
@@ -318,16 +319,6 @@ mod x86 {
 
     use half::f16;
 
-    /// GCC's `_mm512_reduce_add_ps` (`ggml::reduce16`).
-    #[inline(always)]
-    unsafe fn reduce16(x: __m512) -> f32 {
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
-        let t8 = _mm256_add_ps(hi, _mm512_castps512_ps256(x));
-        let t4 = _mm_add_ps(_mm256_extractf128_ps::<1>(t8), _mm256_castps256_ps128(t8));
-        let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
-        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
-    }
-
     /// 16 f16 at `p` as f32.
     #[inline(always)]
     unsafe fn load_f16(p: *const f16) -> __m512 {
@@ -341,14 +332,15 @@ mod x86 {
     pub(super) unsafe fn scores(q: &[f32], keys: &[f16], gemm: bool, scale: f32, out: &mut [f32]) {
         let d = q.len();
         let (q, k) = (q.as_ptr(), keys.as_ptr());
-        for (j, o) in out.iter_mut().enumerate() {
+        // The 16 lanes of one key's dot product, before `reduce16`.
+        let lanes = |j: usize| -> __m512 {
             let key = k.add(j * d);
-            let dot = if gemm {
+            if gemm {
                 let mut acc = _mm512_setzero_ps();
                 for c in (0..d).step_by(16) {
                     acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(c)), load_f16(key.add(c)), acc);
                 }
-                reduce16(acc)
+                acc
             } else {
                 let mut acc = [_mm512_setzero_ps(); 4];
                 for s in (0..d).step_by(64) {
@@ -358,58 +350,121 @@ mod x86 {
                             _mm512_fmadd_ps(_mm512_loadu_ps(q.add(c)), load_f16(key.add(c)), *acc);
                     }
                 }
-                let x0 = _mm512_add_ps(acc[0], acc[2]);
-                let x1 = _mm512_add_ps(acc[1], acc[3]);
-                reduce16(_mm512_add_ps(x0, x1))
+                _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]))
+            }
+        };
+        let n = out.len();
+        let scale = _mm512_set1_ps(scale);
+        for j0 in (0..n).step_by(16) {
+            let count = (n - j0).min(16);
+            let x: [__m512; 16] = std::array::from_fn(|i| {
+                if i < count {
+                    lanes(j0 + i)
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            let dots = reduce16_x16(&x);
+            let mask = if count == 16 {
+                0xffff
+            } else {
+                (1u16 << count) - 1
             };
-            *o = dot * scale;
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(j0), mask, _mm512_mul_ps(dots, scale));
         }
     }
 
+    /// `reduce16` of 16 vectors at once: element i of the result is `reduce16(x[i])`, by the
+    /// same tree (halves 8 apart, then 4, then 2, then 1), lanes regrouped by shuffles.
+    #[inline(always)]
+    unsafe fn reduce16_x16(x: &[__m512; 16]) -> __m512 {
+        // 8 apart: y[k] = [x[2k] folded (8 lanes), x[2k + 1] folded (8 lanes)].
+        let y: [__m512; 8] = std::array::from_fn(|k| {
+            let (a, b) = (x[2 * k], x[2 * k + 1]);
+            let lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
+            let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
+            _mm512_add_ps(hi, lo)
+        });
+        // 4 apart: z[m] holds 4 lanes of each of the vectors 4m .. 4m + 3, in order.
+        let z: [__m512; 4] = std::array::from_fn(|m| {
+            let (a, b) = (y[2 * m], y[2 * m + 1]);
+            let lo = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+            let hi = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+            _mm512_add_ps(hi, lo)
+        });
+        // 2 apart: in 128-bit lane L, w[r] holds 2 lanes of vector 8r + L, then of 8r + 4 + L.
+        let w: [__m512; 2] = std::array::from_fn(|r| {
+            let (a, b) = (z[2 * r], z[2 * r + 1]);
+            let lo = _mm512_shuffle_ps::<0b01_00_01_00>(a, b);
+            let hi = _mm512_shuffle_ps::<0b11_10_11_10>(a, b);
+            _mm512_add_ps(lo, hi)
+        });
+        // 1 apart: element 4L + q of the sum is vector 4q + L.
+        let lo = _mm512_shuffle_ps::<0b10_00_10_00>(w[0], w[1]);
+        let hi = _mm512_shuffle_ps::<0b11_01_11_01>(w[0], w[1]);
+        let sum = _mm512_add_ps(lo, hi);
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(order, sum)
+    }
+
     /// # Safety
-    /// As `scores`, with `values` holding `p.len()` rows of `out.len()`, `lanes` of
-    /// `sets · 16 · out.len()` whose first `used` rows are zero.
+    /// As `scores`, with `values` holding `p.len()` rows of `out.len()`, and `folded` at least
+    /// `16 · out.len()` long.
     #[target_feature(enable = "avx512f,f16c,fma")]
     pub(super) unsafe fn weigh(
         p: &[f32],
         values: &[f16],
         sets: usize,
-        used: usize,
-        lanes: &mut [f32],
+        folded: &mut [f32],
         out: &mut [f32],
     ) {
-        let d = out.len();
-        let (v, l) = (values.as_ptr(), lanes.as_mut_ptr());
-        for (j, &pj) in p.iter().enumerate() {
-            let pj = _mm512_set1_ps(pj);
-            let lane = l.add(((j / 16) % sets * 16 + j % 16) * d);
-            let value = v.add(j * d);
-            for c in (0..d).step_by(16) {
-                let a = _mm512_loadu_ps(lane.add(c));
-                _mm512_storeu_ps(lane.add(c), _mm512_fmadd_ps(pj, load_f16(value.add(c)), a));
+        let (d, n) = (out.len(), p.len());
+        let (v, f) = (values.as_ptr(), folded.as_mut_ptr());
+        // Lane t of every set holds the positions t, t + 16, t + 32, ...: one lane at a time,
+        // 64 dimensions at a time, its accumulators stay in registers.
+        for c0 in (0..d).step_by(64) {
+            for t in 0..16 {
+                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+                let add = |acc: &mut [__m512; 4], j: usize| {
+                    let pj = _mm512_set1_ps(*p.get_unchecked(j));
+                    let row = v.add(j * d + c0);
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(pj, load_f16(row.add(16 * c)), *a);
+                    }
+                };
+                let mut j = t;
+                if sets == 1 {
+                    while j < n {
+                        add(&mut acc[0], j);
+                        j += 16;
+                    }
+                } else {
+                    // Position j belongs to set (j / 16) % 4.
+                    'positions: loop {
+                        for acc in acc.iter_mut() {
+                            if j >= n {
+                                break 'positions;
+                            }
+                            add(acc, j);
+                            j += 16;
+                        }
+                    }
+                }
+                let [a0, a1, a2, a3] = acc;
+                for c in 0..4 {
+                    let lane = if sets == 1 {
+                        a0[c]
+                    } else {
+                        _mm512_add_ps(_mm512_add_ps(a0[c], a2[c]), _mm512_add_ps(a1[c], a3[c]))
+                    };
+                    _mm512_storeu_ps(f.add(t * d + c0 + 16 * c), lane);
+                }
             }
         }
-        let lane = |set: usize, t: usize, c: usize| {
-            let r = set * 16 + t;
-            if r < used {
-                _mm512_loadu_ps(l.add(r * d + c))
-            } else {
-                _mm512_setzero_ps()
-            }
-        };
         for c in (0..d).step_by(16) {
-            let f: [__m512; 16] = std::array::from_fn(|t| {
-                if sets == 1 {
-                    lane(0, t, c)
-                } else {
-                    _mm512_add_ps(
-                        _mm512_add_ps(lane(0, t, c), lane(2, t, c)),
-                        _mm512_add_ps(lane(1, t, c), lane(3, t, c)),
-                    )
-                }
-            });
+            let lane = |t: usize| _mm512_loadu_ps(f.add(t * d + c));
             // `ggml::reduce16` across the lanes, 16 output elements at once.
-            let t8: [__m512; 8] = std::array::from_fn(|i| _mm512_add_ps(f[8 + i], f[i]));
+            let t8: [__m512; 8] = std::array::from_fn(|i| _mm512_add_ps(lane(8 + i), lane(i)));
             let t4: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(t8[4 + i], t8[i]));
             let sum = _mm512_add_ps(_mm512_add_ps(t4[0], t4[2]), _mm512_add_ps(t4[1], t4[3]));
             _mm512_storeu_ps(out.as_mut_ptr().add(c), sum);
