@@ -316,18 +316,35 @@ impl Packed {
         assert_eq!(dst.len(), rows * self.out, "QLinear: output length");
         let acts = Acts::new(self.format, isa, x, rows, k);
         let dst = DstPtr(dst.as_mut_ptr());
+        // Q4_1 on AVX-512 with several row tiles per group: the nibbles are split into bytes
+        // once per group, not once per tile (a quarter of the kernel's vector work).
+        let unpack = cfg!(target_arch = "x86_64")
+            && isa == Isa::Avx512Vnni
+            && self.format == Format::Q4_1
+            && rows > self.format.tile_rows();
         // Groups outermost: a group's weights come from memory once and stay in L1 for every row
         // tile after the first.
         let run = |groups: Range<usize>| {
+            let mut nibbles = Vec::new();
             for g in groups {
+                #[cfg(target_arch = "x86_64")]
+                if unpack {
+                    nibbles.resize(self.nb * 8, Line([0; 64]));
+                    // SAFETY: `unpack` implies `Isa::Avx512Vnni` (avx512f and avx512bw
+                    // detected); the group holds nb blocks of quants and `nibbles` 8 lines each.
+                    unsafe { x86::q4_1_unpack(self.group(g), self.nb, &mut nibbles) };
+                }
                 let mut r0 = 0;
                 while r0 < rows {
                     let n = (rows - r0).min(self.format.tile_rows());
+                    let nib = &nibbles;
                     match n {
-                        1 => self.store(g, r0, &self.tile::<1>(isa, g, &acts, r0), dst),
-                        2 => self.store(g, r0, &self.tile::<2>(isa, g, &acts, r0), dst),
-                        3 => self.store(g, r0, &self.tile::<3>(isa, g, &acts, r0), dst),
-                        _ => self.store(g, r0, &self.tile::<TILE_ROWS>(isa, g, &acts, r0), dst),
+                        1 => self.store(g, r0, &self.tile::<1>(isa, g, &acts, r0, nib), dst),
+                        2 => self.store(g, r0, &self.tile::<2>(isa, g, &acts, r0, nib), dst),
+                        3 => self.store(g, r0, &self.tile::<3>(isa, g, &acts, r0, nib), dst),
+                        _ => {
+                            self.store(g, r0, &self.tile::<TILE_ROWS>(isa, g, &acts, r0, nib), dst)
+                        }
                     }
                     r0 += n;
                 }
@@ -345,13 +362,15 @@ impl Packed {
         }
     }
 
-    /// Outputs of group `g` (16 columns) for activation rows `r0..r0 + R`.
+    /// Outputs of group `g` (16 columns) for activation rows `r0..r0 + R`; `nibbles` is the
+    /// group's quants split by `x86::q4_1_unpack`, or empty.
     fn tile<const R: usize>(
         &self,
         isa: Isa,
         g: usize,
         acts: &Acts,
         r0: usize,
+        nibbles: &[Line],
     ) -> [[f32; LANES]; R] {
         let w = self.group(g);
         // The kernels index rows r0..r0 + R of `acts` and a whole group of `w` through raw
@@ -363,7 +382,13 @@ impl Packed {
             (Isa::Avx512Vnni, Format::Q4_1) => {
                 // SAFETY: `Isa::Avx512Vnni` is only chosen when the CPU has avx512f, avx512bw and
                 // avx512vnni (`Isa::detect`); bounds are asserted above.
-                unsafe { x86::q4_1_vnni::<R>(w, acts, r0) }
+                unsafe {
+                    if nibbles.len() >= self.nb * 8 {
+                        x86::q4_1_vnni::<R, true>(w, nibbles, acts, r0)
+                    } else {
+                        x86::q4_1_vnni::<R, false>(w, nibbles, acts, r0)
+                    }
+                }
             }
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx512Vnni, Format::Q8_0) => {
@@ -400,6 +425,11 @@ impl Packed {
         }
     }
 }
+
+/// One cache line of bytes (the split nibbles of a Q4_1 block: 8 per block).
+#[derive(Clone, Copy)]
+#[repr(align(64))]
+struct Line([u8; 64]);
 
 /// The output buffer, shared by the pool's threads; they write disjoint column groups.
 #[derive(Clone, Copy)]
@@ -566,7 +596,7 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{Acts, Format, LANES, QK};
+    use super::{Acts, Format, Line, LANES, QK};
 
     /// `super::quantize_blocks` 16 lanes at a time: the same operations, so the same bytes
     /// (the max of absolute values is exact in any order, and `cvtps_epi32` rounds half to even
@@ -623,11 +653,38 @@ mod x86 {
         unsafe { p.cast::<i32>().read_unaligned() }
     }
 
+    /// Splits a Q4_1 group's quants into bytes: for block b, line 8b + j holds the low
+    /// nibbles of its quant bytes 4j..4j + 4 for all 16 columns, line 8b + 4 + j the high ones
+    /// (what `q4_1_vnni` otherwise computes for every row tile).
+    ///
+    /// # Safety
+    /// The CPU has avx512f and avx512bw; `w` holds `nb` blocks of quants and `out` `8 · nb`
+    /// lines.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn q4_1_unpack(w: &[u8], nb: usize, out: &mut [Line]) {
+        assert!(out.len() >= nb * 8 && w.len() >= nb * Format::Q4_1.qs_bytes());
+        let nibble = _mm512_set1_epi8(0x0F);
+        // SAFETY: in bounds by the assert above; `Line` is 64-byte aligned.
+        unsafe {
+            let lines = out.as_mut_ptr();
+            for b in 0..nb {
+                for j in 0..4 {
+                    let p = _mm512_loadu_si512(w.as_ptr().add(b * 256 + j * 64).cast());
+                    let line = |i: usize| lines.add(b * 8 + i).cast::<__m512i>();
+                    _mm512_store_si512(line(j), _mm512_and_si512(p, nibble));
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(p), nibble);
+                    _mm512_store_si512(line(4 + j), hi);
+                }
+            }
+        }
+    }
+
     /// # Safety
     /// See the module docs.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn q4_1_vnni<const R: usize>(
+    pub(super) unsafe fn q4_1_vnni<const R: usize, const UNPACKED: bool>(
         w: &[u8],
+        nibbles: &[Line],
         acts: &Acts,
         r0: usize,
     ) -> [[f32; LANES]; R] {
@@ -653,9 +710,17 @@ mod x86 {
                 let d: [__m512; R] =
                     std::array::from_fn(|r| _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b))));
                 for j in 0..4 {
-                    let p = _mm512_loadu_si512(qs.add(b * 256 + j * 64).cast());
-                    let lo = _mm512_and_si512(p, nibble);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(p), nibble);
+                    let (lo, hi) = if UNPACKED {
+                        let line =
+                            |i: usize| _mm512_load_si512(nibbles[b * 8 + i].0.as_ptr().cast());
+                        (line(j), line(4 + j))
+                    } else {
+                        let p = _mm512_loadu_si512(qs.add(b * 256 + j * 64).cast());
+                        (
+                            _mm512_and_si512(p, nibble),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(p), nibble),
+                        )
+                    };
                     for r in 0..R {
                         let x = xq[r].add(b * QK + 4 * j);
                         let xl = _mm512_set1_epi32(bcast4(x));
