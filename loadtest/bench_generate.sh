@@ -20,10 +20,17 @@ llama_server=$(loadtest/peers/build_llama_server.sh)
 out=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 
-# The demo model alone, so it gets both cores (--compute-threads auto).
-mkdir -p "$out/repo/SmolLM2-135M-Instruct"
-sed "s|^path .*|path = \"$gguf\"|" models/SmolLM2-135M-Instruct/model.toml \
-  >"$out/repo/SmolLM2-135M-Instruct/model.toml"
+# The demo model alone, so it gets both cores (--compute-threads auto). The single-stream runs
+# measure computing a prompt (llama-cpp-python is reset before each one), so Ember serves them
+# with its prefix cache off; the streaming load runs as served, prefix cache on (llama-server's
+# prompt cache is on too).
+for repo in repo repo-nocache; do
+  mkdir -p "$out/$repo/SmolLM2-135M-Instruct"
+  sed "s|^path .*|path = \"$gguf\"|" models/SmolLM2-135M-Instruct/model.toml \
+    >"$out/$repo/SmolLM2-135M-Instruct/model.toml"
+done
+# [generate] is the file's last table.
+echo "prefix_cache_entries = 0" >>"$out/repo-nocache/SmolLM2-135M-Instruct/model.toml"
 
 wait_for() { # url
   for _ in $(seq 300); do curl -sf "$1" >/dev/null && return; sleep 0.2; done
@@ -46,13 +53,18 @@ then
 fi
 
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-target/release/ember serve --models "$out/repo" --addr 127.0.0.1:18091 >"$out/ember.log" 2>&1 &
-ember=$!
-wait_for http://127.0.0.1:18091/health/ready
+serve() { # repo
+  target/release/ember serve --models "$out/$1" --addr 127.0.0.1:18091 >"$out/ember-$1.log" 2>&1 &
+  ember=$!
+  wait_for http://127.0.0.1:18091/health/ready
+}
 
-echo "== single stream: Ember (HTTP) vs llama.cpp (llama-cpp-python, in-process, 2 threads)"
+echo "== single stream: Ember (HTTP, prefix cache off) vs llama.cpp (llama-cpp-python, in-process, 2 threads)"
+serve repo-nocache
 "$py" loadtest/peers/single_stream.py --url http://127.0.0.1:18091 \
   --model SmolLM2-135M-Instruct --gguf "$gguf" --reps 3 | grep -v '^\['
+kill "$ember"; wait "$ember" 2>/dev/null || true
+serve repo
 
 load() { # port label
   python3 ../shared/bench/llm_stream_load.py --port "$1" --model SmolLM2-135M-Instruct \
@@ -71,7 +83,8 @@ PY
 
 echo "== streaming load: Ember"
 load 18091 ember
-curl -s http://127.0.0.1:18091/metrics | grep -E '^ember_batch_size_items_(sum|count)' || true
+curl -s http://127.0.0.1:18091/metrics |
+  grep -E '^ember_(batch_size_items_(sum|count)|prompt_tokens_total|prompt_cached_tokens_total)' || true
 kill "$ember"; wait "$ember" 2>/dev/null || true
 
 echo "== streaming load: llama-server -np 16 -cb -t 2 -tb 2 -c 8192 ($("$llama_server" --version 2>&1 | head -1))"

@@ -3,6 +3,9 @@
 //! all of their rows, and does attention per sequence against that sequence's own KV cache.
 //! Each row's arithmetic does not depend on which other rows share the pass, so a sequence's
 //! output is the same alone or batched.
+//!
+//! On CPU the pass runs on plain host rows (`forward_cpu`) in llama.cpp's arithmetic; on other
+//! devices it runs on candle's ops (`forward_device`), equal to it only up to rounding.
 
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};

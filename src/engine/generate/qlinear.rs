@@ -12,7 +12,10 @@
 //! against a broadcast of the matching four activation quants then accumulates all 16 columns at
 //! once, with no horizontal sums; the AVX2 path reads each register as two halves of 8 columns.
 //! A group's quants for all blocks come first and its f16 scales after them, so a group is one
-//! contiguous, cache-line aligned stream.
+//! contiguous, cache-line aligned stream. When several row tiles share a group, the AVX-512 path
+//! splits its Q4_1 nibbles into bytes once (into an L1-resident scratch) instead of per tile.
+//! Layers that read the same input (q, k and v; gate and up) can be fused into one `QLinear`
+//! (`QLinear::fused`): one activation quantization and one pass of the worker pool for all.
 //!
 //! Determinism: the integer sums are exact, so the order in which they are formed does not
 //! matter. The floating-point part is one fixed sequence per output element. For Q4_1 it is
