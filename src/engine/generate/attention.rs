@@ -319,6 +319,8 @@ mod x86 {
 
     use half::f16;
 
+    use super::ggml;
+
     /// 16 f16 at `p` as f32.
     #[inline(always)]
     unsafe fn load_f16(p: *const f16) -> __m512 {
@@ -365,11 +367,7 @@ mod x86 {
                 }
             });
             let dots = reduce16_x16(&x);
-            let mask = if count == 16 {
-                0xffff
-            } else {
-                (1u16 << count) - 1
-            };
+            let mask = ggml::x86::first_lanes(count);
             _mm512_mask_storeu_ps(out.as_mut_ptr().add(j0), mask, _mm512_mul_ps(dots, scale));
         }
     }

@@ -246,8 +246,14 @@ pub fn dot_f16_gemm(a: &[f32], b: &[f32]) -> f32 {
 /// ggml's AVX-512 `ggml_v_expf` and the loops built on it, with the intrinsics ggml uses (the
 /// portable functions above compute the same numbers one lane at a time).
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
+
+    /// The mask of the first `min(n, 16)` lanes.
+    #[inline(always)]
+    pub(in crate::engine::generate) fn first_lanes(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as __mmask16
+    }
 
     #[inline(always)]
     unsafe fn splat(bits: u32) -> __m512 {
@@ -314,11 +320,7 @@ mod x86 {
         let mut sum = 0f64;
         for i in (0..x.len()).step_by(16) {
             // The last block's missing lanes are zeros, as ggml's masked padding.
-            let k: __mmask16 = if x.len() - i >= 16 {
-                0xffff
-            } else {
-                (1u16 << (x.len() - i)) - 1
-            };
+            let k = first_lanes(x.len() - i);
             let p = x.as_mut_ptr().add(i);
             let v = _mm512_maskz_mov_ps(k, expf(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p), m)));
             _mm512_mask_storeu_ps(p, k, v);
@@ -328,11 +330,7 @@ mod x86 {
         }
         let inv = _mm512_set1_ps((1.0 / sum) as f32);
         for i in (0..x.len()).step_by(16) {
-            let k: __mmask16 = if x.len() - i >= 16 {
-                0xffff
-            } else {
-                (1u16 << (x.len() - i)) - 1
-            };
+            let k = first_lanes(x.len() - i);
             let p = x.as_mut_ptr().add(i);
             _mm512_mask_storeu_ps(p, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p), inv));
         }
