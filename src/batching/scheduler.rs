@@ -244,12 +244,7 @@ impl<D: Decoder> Worker<D> {
             };
             let reserve = head.reserve();
             // Retained prompts give way to new requests.
-            while self.reserved + reserve > self.policy.max_total_tokens {
-                let Some(old) = self.retained.pop_back() else {
-                    break;
-                };
-                self.reserved -= old.prompt.len();
-            }
+            while self.reserved + reserve > self.policy.max_total_tokens && self.evict_oldest() {}
             if self.reserved + reserve > self.policy.max_total_tokens && !self.running.is_empty() {
                 break;
             }
@@ -336,17 +331,18 @@ impl<D: Decoder> Worker<D> {
             return;
         }
         // An entry that this prompt extends or repeats has nothing left to offer.
-        let before: usize = self.retained.iter().map(|r| r.prompt.len()).sum();
-        self.retained
-            .retain(|r| !s.request.prompt.starts_with(&r.prompt));
-        let after: usize = self.retained.iter().map(|r| r.prompt.len()).sum();
-        self.reserved -= before - after;
-        while self.retained.len() >= entries
-            || (self.reserved + n > self.policy.max_total_tokens && !self.retained.is_empty())
-        {
-            let old = self.retained.pop_back().expect("not empty");
-            self.reserved -= old.prompt.len();
-        }
+        let mut freed = 0;
+        self.retained.retain(|r| {
+            let keep = !s.request.prompt.starts_with(&r.prompt);
+            if !keep {
+                freed += r.prompt.len();
+            }
+            keep
+        });
+        self.reserved -= freed;
+        while (self.retained.len() >= entries || self.reserved + n > self.policy.max_total_tokens)
+            && self.evict_oldest()
+        {}
         if self.reserved + n > self.policy.max_total_tokens {
             return;
         }
@@ -360,6 +356,15 @@ impl<D: Decoder> Worker<D> {
                 cache,
             });
         }
+    }
+
+    /// Drops the least recently used retained prompt; false when none is left.
+    fn evict_oldest(&mut self) -> bool {
+        let Some(old) = self.retained.pop_back() else {
+            return false;
+        };
+        self.reserved -= old.prompt.len();
+        true
     }
 
     fn publish_gauges(&self) {

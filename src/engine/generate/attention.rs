@@ -40,21 +40,14 @@ impl CpuKv {
             capacity,
         }
     }
-}
 
-impl CpuKv {
     /// Copies positions `..len` of every layer into `to` (a cache of the same model).
     pub fn copy_prefix(&self, to: &mut CpuKv, shape: Shape, len: usize) {
-        let d = shape.head_dim;
-        for (from, to_layers, cap_to) in [
-            (&self.keys, &mut to.keys, to.capacity),
-            (&self.values, &mut to.values, to.capacity),
-        ] {
-            for (src, dst) in from.iter().zip(to_layers.iter_mut()) {
-                for h in 0..shape.kv_heads {
-                    let n = len * d;
-                    dst[h * cap_to * d..][..n].copy_from_slice(&src[h * self.capacity * d..][..n]);
-                }
+        let (d, n) = (shape.head_dim, len * shape.head_dim);
+        let layers = self.keys.iter().zip(to.keys.iter_mut());
+        for (src, dst) in layers.chain(self.values.iter().zip(to.values.iter_mut())) {
+            for h in 0..shape.kv_heads {
+                dst[h * to.capacity * d..][..n].copy_from_slice(&src[h * self.capacity * d..][..n]);
             }
         }
     }

@@ -322,12 +322,13 @@ impl Llama {
             .index_select(&ids, 0)?
             .flatten_all()?
             .to_vec1()?;
+        // This pass's rows of a `[context, head_dim / 2]` table.
         let table = |t: &[f32]| -> Vec<f32> {
-            let mut rows = Vec::with_capacity(positions.len() * d / 2);
+            let mut picked = Vec::with_capacity(positions.len() * d / 2);
             for &p in positions {
-                rows.extend_from_slice(&t[p as usize * (d / 2)..][..d / 2]);
+                picked.extend_from_slice(&t[p as usize * (d / 2)..][..d / 2]);
             }
-            rows
+            picked
         };
         let (cos, sin) = (table(&self.cos_host), table(&self.sin_host));
         let mut h = vec![0f32; rows * hidden];
