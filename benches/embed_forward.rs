@@ -7,6 +7,10 @@ use std::time::Instant;
 use candle_core::Device;
 use ember::repository::EmbedOptions;
 
+// As `ember serve` runs: per-batch tensors are reused rather than handed back to the OS.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "1");

@@ -38,13 +38,15 @@ fn default_eps() -> f64 {
     1e-12
 }
 
-/// `x · Wᵀ + b`: f32 through candle's matmul, or the packed bf16 kernel on CPU.
+/// `x · Wᵀ + b`, then GELU where `gelu`: f32 through candle's matmul, or the packed bf16 kernel
+/// on CPU, which applies the GELU to each block of outputs while it is still in L1.
 #[derive(Clone)]
 enum Linear {
     /// `Wᵀ` stored contiguous so the matmul reads it row by row.
     F32 {
         weight_t: Tensor,
         bias: Tensor,
+        gelu: bool,
     },
     Bf16(Arc<Bf16Linear>),
 }
@@ -52,33 +54,56 @@ enum Linear {
 impl Linear {
     fn load(
         vb: VarBuilder,
-        inputs: usize,
-        outputs: usize,
+        (inputs, outputs): (usize, usize),
         bf16: bool,
+        gelu: bool,
     ) -> candle_core::Result<Self> {
         let weight = vb.get((outputs, inputs), "weight")?;
-        Self::from_parts(&weight, vb.get(outputs, "bias")?, bf16)
+        Self::from_parts(&weight, vb.get(outputs, "bias")?, bf16, gelu)
     }
 
-    fn from_parts(weight: &Tensor, bias: Tensor, bf16: bool) -> candle_core::Result<Self> {
+    fn from_parts(
+        weight: &Tensor,
+        bias: Tensor,
+        bf16: bool,
+        gelu: bool,
+    ) -> candle_core::Result<Self> {
         if bf16 {
             let (outputs, inputs) = weight.dims2()?;
-            return Ok(Self::Bf16(Arc::new(Bf16Linear::new(
+            let layer = Bf16Linear::new(
                 &weight.flatten_all()?.to_vec1()?,
                 &bias.to_vec1()?,
                 outputs,
                 inputs,
-            ))));
+            );
+            let layer = if gelu {
+                layer.then(gelu_in_place)
+            } else {
+                layer
+            };
+            return Ok(Self::Bf16(Arc::new(layer)));
         }
         Ok(Self::F32 {
             weight_t: weight.t()?.contiguous()?,
             bias,
+            gelu,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::F32 { weight_t, bias } => x.matmul(weight_t)?.broadcast_add(bias),
+            Self::F32 {
+                weight_t,
+                bias,
+                gelu,
+            } => {
+                let y = x.matmul(weight_t)?.broadcast_add(bias)?;
+                if *gelu {
+                    gelu_erf(&y)
+                } else {
+                    Ok(y)
+                }
+            }
             Self::Bf16(layer) => x.contiguous()?.apply_op1_no_bwd(layer.as_ref()),
         }
     }
@@ -195,16 +220,21 @@ impl Bert {
                 0,
             )?;
             layers.push(Layer {
-                qkv: Linear::from_parts(&weight, bias, bf16)?,
-                attention_out: Linear::load(l.pp("attention.output.dense"), h, h, bf16)?,
+                qkv: Linear::from_parts(&weight, bias, bf16, false)?,
+                attention_out: Linear::load(l.pp("attention.output.dense"), (h, h), bf16, false)?,
                 attention_norm: LayerNorm::load(l.pp("attention.output.LayerNorm"), h, eps)?,
                 intermediate: Linear::load(
                     l.pp("intermediate.dense"),
-                    h,
-                    config.intermediate_size,
+                    (h, config.intermediate_size),
                     bf16,
+                    true,
                 )?,
-                output: Linear::load(l.pp("output.dense"), config.intermediate_size, h, bf16)?,
+                output: Linear::load(
+                    l.pp("output.dense"),
+                    (config.intermediate_size, h),
+                    bf16,
+                    false,
+                )?,
                 output_norm: LayerNorm::load(l.pp("output.LayerNorm"), h, eps)?,
             });
         }
@@ -262,7 +292,7 @@ impl Bert {
             let attended = layer
                 .attention_norm
                 .forward(&(layer.attention_out.forward(&context)? + &x)?)?;
-            let inner = gelu_erf(&layer.intermediate.forward(&attended)?)?;
+            let inner = layer.intermediate.forward(&attended)?;
             x = layer
                 .output_norm
                 .forward(&(layer.output.forward(&inner)? + &attended)?)?;
@@ -291,37 +321,47 @@ impl CustomOp1 for FastGelu {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = super::contiguous_f32(self.name(), storage, layout)?;
-        let mut out = vec![0f32; src.len()];
-        gelu_slice(src, &mut out);
+        let mut out = super::contiguous_f32(self.name(), storage, layout)?.to_vec();
+        gelu_in_place(&mut out);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 
-/// Applies GELU to every element, with AVX2+FMA where the CPU has it.
-pub fn gelu_slice(src: &[f32], dst: &mut [f32]) {
+/// Applies GELU to every element in place, with the widest vectors the CPU has.
+pub fn gelu_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // Safety: the feature this function is compiled for was just detected.
+            unsafe { gelu_avx512(x) };
+            return;
+        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            // Safety: the features this function is compiled for were just detected.
-            unsafe { gelu_avx2(src, dst) };
+            // Safety: as above.
+            unsafe { gelu_avx2(x) };
             return;
         }
     }
-    gelu_portable(src, dst);
+    gelu_portable(x);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_avx512(x: &mut [f32]) {
+    gelu_portable(x);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(src: &[f32], dst: &mut [f32]) {
-    gelu_portable(src, dst);
+unsafe fn gelu_avx2(x: &mut [f32]) {
+    gelu_portable(x);
 }
 
 #[inline(always)]
-fn gelu_portable(src: &[f32], dst: &mut [f32]) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+fn gelu_portable(x: &mut [f32]) {
+    for x in x {
+        *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
     }
 }
 
@@ -353,7 +393,10 @@ fn exp_neg(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    // 2^n from the bits of n + 127 + 2^23 (n is in [-126, 0]): integer ops only. `n as i32`
+    // saturates and checks for NaN, which kept the loop scalar.
+    let biased = (n + (127.0 + 8_388_608.0)).to_bits() - 0x4b00_0000;
+    let scale = f32::from_bits(biased << 23);
     p * scale
 }
 
@@ -364,8 +407,8 @@ mod tests {
     #[test]
     fn fast_gelu_matches_the_exact_one() {
         let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 / 400.0).collect();
-        let mut got = vec![0.0; xs.len()];
-        gelu_slice(&xs, &mut got);
+        let mut got = xs.clone();
+        gelu_in_place(&mut got);
         for (x, g) in xs.iter().zip(got) {
             let exact =
                 0.5 * *x as f64 * (1.0 + candle_core::cpu::erf::erf_f64(*x as f64 / 2f64.sqrt()));
@@ -374,8 +417,8 @@ mod tests {
                 "gelu({x}) = {g}, exact {exact}"
             );
         }
-        let mut out = [0.0; 2];
-        gelu_slice(&[-100.0, 100.0], &mut out);
+        let mut out = [-100.0, 100.0];
+        gelu_in_place(&mut out);
         assert_eq!(out, [0.0, 100.0]);
     }
 }
