@@ -8,6 +8,8 @@
 # Loopback only, every level bounded in time. PYTHON must have sentence-transformers + torch for
 # step 2 (e.g. a venv made with `pip install sentence-transformers`); without it step 2 is skipped
 # loudly.
+# CONCURRENCY (default 1,8,32) picks the levels; the server inherits the environment, so e.g.
+# EMBER_AMX=0 measures without AMX tiles.
 #   loadtest/bench_embeddings.sh [SECONDS_PER_LEVEL]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,7 +27,7 @@ source loadtest/bench_lib.sh
 load() { # port label
   for tokens in 12 60; do
     target/release/ember-loadtest --url "http://127.0.0.1:$1" --tokenizer "$weights/tokenizer.json" \
-      --tokens "$tokens" --concurrency 1,8,32 --secs "$secs" --label "$2" | grep -v '^\['
+      --tokens "$tokens" --concurrency "${CONCURRENCY:-1,8,32}" --secs "$secs" --label "$2" | grep -v '^\['
   done
 }
 

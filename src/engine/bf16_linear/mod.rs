@@ -566,7 +566,7 @@ mod speed {
             .map(|(i, o)| Bf16Linear::new(&pseudo_random(i * o, 2), &vec![0.0; o], o, i))
             .collect();
         assert!(amx::available());
-        for rows in [12, 192, 384] {
+        for rows in [12, 84, 192, 384] {
             let x = pseudo_random(rows * 1536, 1);
             let mut out = vec![0f32; rows * 1536];
             for kernel in [Kernel::Avx512, Kernel::Amx] {
