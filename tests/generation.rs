@@ -66,6 +66,15 @@ fn streamed_chat_text(events: &[String]) -> (String, String) {
 async fn completions_and_chat_equal_llama_cpp_greedy() {
     let server = server("").await;
     let f = fixture("smollm2_greedy.json");
+    // Prompt tokens each answer says came from the prefix cache, summed.
+    let mut cached_in_usage = 0;
+    let mut add_cached = |body: &Value| {
+        let n = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("usage without prompt_tokens_details.cached_tokens: {body}"));
+        assert!(n + 2 <= body["usage"]["prompt_tokens"].as_u64().unwrap() || n == 0);
+        cached_in_usage += n;
+    };
     // Every case, near ties included: the CPU forward pass does llama.cpp's arithmetic
     // operation for operation (engine/generate/ggml.rs), so greedy picks its tokens.
     for case in f["completion"].as_array().unwrap() {
@@ -87,6 +96,7 @@ async fn completions_and_chat_equal_llama_cpp_greedy() {
             body["usage"]["prompt_tokens"],
             case["prompt_ids"].as_array().unwrap().len()
         );
+        add_cached(&body);
     }
     // Chats (issue 4 asks for at least ten): the first 24 tokens, or up to EOS.
     let chats = f["chat"].as_array().unwrap();
@@ -110,9 +120,10 @@ async fn completions_and_chat_equal_llama_cpp_greedy() {
             body["choices"][0]["finish_reason"],
             if stopped { "stop" } else { "length" }
         );
+        add_cached(&body);
     }
     // The chats share the template's system prompt: later ones copied its KV cache from the
-    // prefix cache, and still gave llama.cpp's tokens.
+    // prefix cache, and still gave llama.cpp's tokens. Each answer's usage says how much.
     let cached = metric(
         &server.metrics().await,
         &format!("ember_prompt_cached_tokens_total{{model=\"{SMOLLM}\"}}"),
@@ -122,6 +133,7 @@ async fn completions_and_chat_equal_llama_cpp_greedy() {
         cached > 0.0,
         "no prompt took its start from the prefix cache"
     );
+    assert_eq!(cached_in_usage as f64, cached);
 }
 
 #[tokio::test]
@@ -139,6 +151,10 @@ async fn streaming_sends_role_deltas_finish_usage_and_done() {
     assert_eq!(usage["choices"], json!([]));
     let completion = usage["usage"]["completion_tokens"].as_u64().unwrap();
     assert!((1..=8).contains(&completion), "{usage}");
+    assert!(
+        usage["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64(),
+        "{usage}"
+    );
     let (text, finish) = streamed_chat_text(&events);
     assert!(["stop", "length"].contains(&finish.as_str()));
     // The same request whole gives the same text.
@@ -375,6 +391,23 @@ async fn kserve_infer_generates_from_a_bytes_prompt() {
     assert_eq!(body["id"], "r1");
     assert_eq!(body["outputs"][0]["name"], "text_output");
     assert_eq!(body["outputs"][0]["data"][0], case["greedy_text"]);
+    assert_eq!(body["parameters"]["cached_tokens"], 0, "{body}");
+    // The same prompt again takes all but its last two tokens from the prefix cache, and says
+    // so; the text is the same.
+    let request = json!({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
+                                     "data": [case["prompt"]]}],
+                         "parameters": {"max_tokens": 24, "temperature": 0}});
+    let (status, again) = server
+        .post(&format!("/v2/models/{SMOLLM}/infer"), request)
+        .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["outputs"][0]["data"][0], case["greedy_text"]);
+    let prompt_tokens = again["parameters"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        again["parameters"]["cached_tokens"].as_u64(),
+        Some(prompt_tokens - 2),
+        "{again}"
+    );
     let (status, err) = server
         .post(
             &format!("/v2/models/{SMOLLM}/infer"),

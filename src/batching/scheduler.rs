@@ -79,6 +79,9 @@ pub enum Event {
     Done {
         finish: FinishReason,
         prompt_tokens: usize,
+        /// Prompt tokens whose KV cache came from the prefix cache instead of being computed
+        /// (OpenAI's `usage.prompt_tokens_details.cached_tokens`).
+        cached_tokens: usize,
         completion_tokens: usize,
     },
     Failed(String),
@@ -155,6 +158,8 @@ struct Sequence<C> {
     cache: C,
     /// Prompt tokens already in the cache.
     prefilled: usize,
+    /// Of those, the ones copied from the prefix cache at admission.
+    cached: usize,
     /// The token to feed next once prefill is done.
     next: Option<u32>,
     generated: usize,
@@ -274,6 +279,7 @@ impl<D: Decoder> Worker<D> {
                 request,
                 cache,
                 prefilled,
+                cached: prefilled,
                 next: None,
                 generated: 0,
                 sampler,
@@ -519,6 +525,7 @@ impl<D: Decoder> Worker<D> {
         let _ = s.request.events.send(Event::Done {
             finish,
             prompt_tokens: s.request.prompt.len(),
+            cached_tokens: s.cached,
             completion_tokens: s.generated,
         });
     }
@@ -693,17 +700,26 @@ mod tests {
             receivers.push(rx);
         }
         let together: Vec<(String, Event)> = receivers.iter_mut().map(collect).collect();
-        assert_eq!(together, solo);
-        for (p, (text, done)) in prompts.iter().zip(&together) {
+        // Running beside others may change where a prompt's KV cache came from (the prefix
+        // cache holds the prompts that finished before it started), never what it says.
+        let uncached = |(text, done): &(String, Event)| match done {
+            Event::Done {
+                finish,
+                prompt_tokens,
+                cached_tokens,
+                completion_tokens,
+            } => {
+                assert!(*cached_tokens + 2 <= *prompt_tokens || *cached_tokens == 0);
+                (text.clone(), *finish, *prompt_tokens, *completion_tokens)
+            }
+            other => panic!("not a Done event: {other:?}"),
+        };
+        let together: Vec<_> = together.iter().map(uncached).collect();
+        assert_eq!(together, solo.iter().map(uncached).collect::<Vec<_>>());
+        for (p, (text, finish, prompt_tokens, completion_tokens)) in prompts.iter().zip(&together) {
             assert_eq!(text.len(), 5);
-            assert_eq!(
-                *done,
-                Event::Done {
-                    finish: FinishReason::Length,
-                    prompt_tokens: p.len(),
-                    completion_tokens: 5
-                }
-            );
+            assert_eq!(*finish, FinishReason::Length);
+            assert_eq!((*prompt_tokens, *completion_tokens), (p.len(), 5));
         }
         let steps = fake.steps.lock().unwrap();
         assert!(
@@ -763,11 +779,17 @@ mod tests {
         second.extend([20, 21, 22]);
         // The second shares 8 tokens with the first; the third repeats the first, and still
         // computes its last two.
-        for (prompt, cached) in [(&first, 0), (&second, 8), (&first, 16)] {
+        for (prompt, cached, total) in [(&first, 0, 0), (&second, 8, 8), (&first, 8, 16)] {
             let (r, mut rx) = request(prompt.clone(), 3);
             s.submit(r).unwrap();
-            assert_eq!(collect(&mut rx), solo(prompt));
-            assert_eq!(metrics.prompt_cached_tokens_total.get(), cached);
+            let (text, done) = collect(&mut rx);
+            let (solo_text, mut solo_done) = solo(prompt);
+            if let Event::Done { cached_tokens, .. } = &mut solo_done {
+                assert_eq!(*cached_tokens, 0, "a lone prompt has nothing to copy");
+                *cached_tokens = cached;
+            }
+            assert_eq!((text, done), (solo_text, solo_done));
+            assert_eq!(metrics.prompt_cached_tokens_total.get(), total);
         }
         // Prompt slices are never one token long, so the longer chunks are all the prompt
         // tokens computed: 10, then 3, then 2.
@@ -825,6 +847,7 @@ mod tests {
                 Event::Done {
                     finish: FinishReason::Stop,
                     prompt_tokens: 2,
+                    cached_tokens: 0,
                     completion_tokens: 1
                 }
             )

@@ -343,8 +343,14 @@ impl Meta {
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's usage object; `cached_tokens` counts the prompt tokens the prefix cache supplied.
+fn usage(w: &Whole) -> Value {
+    json!({
+        "prompt_tokens": w.prompt_tokens,
+        "completion_tokens": w.completion_tokens,
+        "total_tokens": w.prompt_tokens + w.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": w.cached_tokens},
+    })
 }
 
 /// Chat completion (OpenAI shape); `stream: true` answers with server-sent events.
@@ -445,7 +451,7 @@ async fn respond(
     let whole = collect(generation).await?;
     let body = meta.body(
         vec![meta.choice(Some(&whole.text), Some(whole.finish), false)],
-        Some(usage(whole.prompt_tokens, whole.completion_tokens)),
+        Some(usage(&whole)),
         false,
     );
     Ok(Json(body).into_response())
@@ -456,7 +462,29 @@ pub(super) struct Whole {
     pub text: String,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
+}
+
+impl Whole {
+    /// The text so far and a Done event's figures; `None` for any other event.
+    fn done(text: String, event: Event) -> Option<Self> {
+        match event {
+            Event::Done {
+                finish,
+                prompt_tokens,
+                cached_tokens,
+                completion_tokens,
+            } => Some(Self {
+                text,
+                finish,
+                prompt_tokens,
+                cached_tokens,
+                completion_tokens,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Waits for the whole generation. If the client goes away meanwhile, this future is dropped
@@ -466,19 +494,8 @@ pub(super) async fn collect(mut generation: Generation) -> Result<Whole, ApiErro
     while let Some(event) = generation.events.recv().await {
         match event {
             Event::Text { text: t, .. } => text.push_str(&t),
-            Event::Done {
-                finish,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                return Ok(Whole {
-                    text,
-                    finish,
-                    prompt_tokens,
-                    completion_tokens,
-                })
-            }
             Event::Failed(message) => return Err(generation_failed(message)),
+            done => return Whole::done(text, done).ok_or_else(unfinished),
         }
     }
     Err(unfinished())
@@ -520,28 +537,23 @@ fn sse_stream(
                 let chunk = meta.body(vec![meta.choice(Some(&text), None, true)], None, true);
                 return Some((vec![data(chunk)], (Some(generation), meta, false)));
             }
-            Some(Event::Done {
-                finish,
-                prompt_tokens,
-                completion_tokens,
-            }) => {
-                let mut out = vec![data(meta.body(
-                    vec![meta.choice(None, Some(finish), true)],
-                    None,
-                    true,
-                ))];
-                if include_usage {
-                    out.push(data(meta.body(
-                        Vec::new(),
-                        Some(usage(prompt_tokens, completion_tokens)),
-                        true,
-                    )));
-                }
-                out
-            }
             // Headers are sent: the error travels as a last event, in OpenAI's error shape.
             Some(Event::Failed(message)) => vec![data(openai_body(&generation_failed(message)))],
             None => vec![data(openai_body(&unfinished()))],
+            Some(done) => match Whole::done(String::new(), done) {
+                Some(whole) => {
+                    let mut out = vec![data(meta.body(
+                        vec![meta.choice(None, Some(whole.finish), true)],
+                        None,
+                        true,
+                    ))];
+                    if include_usage {
+                        out.push(data(meta.body(Vec::new(), Some(usage(&whole)), true)));
+                    }
+                    out
+                }
+                None => vec![data(openai_body(&unfinished()))],
+            },
         };
         events.push(Ok(SseEvent::default().data("[DONE]")));
         Some((events, (None, meta, false)))

@@ -287,6 +287,7 @@ async fn infer_generate(
     let parameters = serde_json::json!({
         "finish_reason": whole.finish.as_str(),
         "prompt_tokens": whole.prompt_tokens,
+        "cached_tokens": whole.cached_tokens,
         "completion_tokens": whole.completion_tokens,
     });
     let text = HostTensor::new(vec![1], TensorData::Bytes(vec![whole.text.into_bytes()]))
