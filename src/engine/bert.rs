@@ -9,6 +9,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::bf16_linear::Bf16Linear;
+use super::encoder_attention::SelfAttention;
 use crate::repository::Precision;
 
 /// The `config.json` fields this encoder reads.
@@ -271,24 +272,9 @@ impl Bert {
             .broadcast_add(&self.token_type_embedding)?
             .reshape((batch * len, hidden))?;
         let mut x = self.embedding_norm.forward(&x)?;
-        // Padding keys get a large negative score, so softmax gives them exactly zero weight.
-        let mask_bias = ((mask - 1.0)? * 1e9f64)?.reshape((batch, 1, 1, len))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let attention = Attention::new(self, mask)?;
         for layer in &self.layers {
-            let qkv = layer
-                .qkv
-                .forward(&x)?
-                .reshape((batch, len, 3, self.heads, self.head_dim))?
-                .permute((2, 0, 3, 1, 4))?;
-            let q = (qkv.get(0)? * scale)?.contiguous()?;
-            let k = qkv.get(1)?.contiguous()?;
-            let v = qkv.get(2)?.contiguous()?;
-            let scores = q.matmul(&k.t()?)?.broadcast_add(&mask_bias)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let context = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((batch * len, hidden))?;
+            let context = attention.forward(&layer.qkv.forward(&x)?)?;
             let attended = layer
                 .attention_norm
                 .forward(&(layer.attention_out.forward(&context)? + &x)?)?;
@@ -298,6 +284,70 @@ impl Bert {
                 .forward(&(layer.output.forward(&inner)? + &attended)?)?;
         }
         x.reshape((batch, len, hidden))
+    }
+}
+
+/// Self-attention from the fused QKV output `[batch · len, 3 · hidden]` to the context `[batch ·
+/// len, hidden]`: one op on CPU (`encoder_attention`), candle's ops elsewhere.
+enum Attention<'a> {
+    Cpu {
+        op: SelfAttention,
+        mask: &'a Tensor,
+    },
+    Ops {
+        /// 0 for real keys, -1e9 for padding: softmax gives padding exactly zero weight.
+        mask_bias: Tensor,
+        batch: usize,
+        len: usize,
+        heads: usize,
+        head_dim: usize,
+    },
+}
+
+impl<'a> Attention<'a> {
+    fn new(bert: &Bert, mask: &'a Tensor) -> candle_core::Result<Self> {
+        let (heads, head_dim) = (bert.heads, bert.head_dim);
+        if mask.device().is_cpu() && mask.dtype() == DType::F32 {
+            return Ok(Self::Cpu {
+                op: SelfAttention { heads, head_dim },
+                mask,
+            });
+        }
+        let (batch, len) = mask.dims2()?;
+        Ok(Self::Ops {
+            mask_bias: ((mask - 1.0)? * 1e9f64)?.reshape((batch, 1, 1, len))?,
+            batch,
+            len,
+            heads,
+            head_dim,
+        })
+    }
+
+    fn forward(&self, qkv: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Cpu { op, mask } => qkv.apply_op2_no_bwd(mask, op),
+            Self::Ops {
+                mask_bias,
+                batch,
+                len,
+                heads,
+                head_dim,
+            } => {
+                let qkv = qkv
+                    .reshape((*batch, *len, 3, *heads, *head_dim))?
+                    .permute((2, 0, 3, 1, 4))?;
+                let scale = 1.0 / (*head_dim as f64).sqrt();
+                let q = (qkv.get(0)? * scale)?.contiguous()?;
+                let k = qkv.get(1)?.contiguous()?;
+                let v = qkv.get(2)?.contiguous()?;
+                let scores = q.matmul(&k.t()?)?.broadcast_add(mask_bias)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                probs
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .reshape((batch * len, heads * head_dim))
+            }
+        }
     }
 }
 
@@ -385,7 +435,7 @@ fn erf(x: f32) -> f32 {
 
 /// e^(-x) for x ≥ 0, relative error below 2e-7: 2^n · p(r) with a degree-6 polynomial.
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+pub(super) fn exp_neg(x: f32) -> f32 {
     let v = (-x).max(-87.0);
     let n = (v * std::f32::consts::LOG2_E + 0.5).floor();
     let r = v - n * std::f32::consts::LN_2;
@@ -403,6 +453,48 @@ fn exp_neg(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_one_op_attention_equals_candles_ops_on_real_tokens() {
+        let (batch, len, heads, head_dim) = (3, 9, 4, 8);
+        let hidden = heads * head_dim;
+        let qkv = Tensor::from_vec(
+            crate::engine::pseudo_random(batch * len * 3 * hidden, 11),
+            (batch * len, 3 * hidden),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let lengths = [9, 5, 1];
+        let mask: Vec<f32> = lengths
+            .iter()
+            .flat_map(|&n| (0..len).map(move |j| if j < n { 1.0 } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
+        let one_op = Attention::Cpu {
+            op: SelfAttention { heads, head_dim },
+            mask: &mask,
+        };
+        let ops = Attention::Ops {
+            mask_bias: ((&mask - 1.0).unwrap() * 1e9f64)
+                .unwrap()
+                .reshape((batch, 1, 1, len))
+                .unwrap(),
+            batch,
+            len,
+            heads,
+            head_dim,
+        };
+        let a: Vec<Vec<f32>> = one_op.forward(&qkv).unwrap().to_vec2().unwrap();
+        let b: Vec<Vec<f32>> = ops.forward(&qkv).unwrap().to_vec2().unwrap();
+        for (seq, &n) in lengths.iter().enumerate() {
+            for t in 0..n {
+                let row = seq * len + t;
+                for (x, y) in a[row].iter().zip(&b[row]) {
+                    assert!((x - y).abs() < 1e-5, "row {row}: {x} vs {y}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn fast_gelu_matches_the_exact_one() {

@@ -4,6 +4,7 @@
 pub mod bert;
 mod bf16_linear;
 pub mod embed;
+mod encoder_attention;
 #[cfg(feature = "generate")]
 pub mod generate;
 pub mod tensor;

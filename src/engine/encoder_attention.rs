@@ -1,0 +1,333 @@
+//! The encoder's self-attention on CPU as one op: scores, padding mask, softmax and the weighted
+//! sum of values for every head, read straight from the fused QKV projection's output.
+//!
+//! Done with candle's ops it took a permute and three copies for q, k and v, a `[batch, heads,
+//! len, len]` score tensor (past 2 MiB at 16 × 60, so fresh pages from the OS every batch), a
+//! mask add, libm's scalar `expf` and two batched matmuls whose calls cost more than their work
+//! at these sizes: about a quarter of a 16 × 60 forward pass in the profile. Here a query's
+//! scores live in one short buffer, padding keys are skipped rather than masked, and the
+//! exponential is the vectorised one the GELU uses.
+//!
+//! Each sequence's numbers depend only on its own tokens, in a fixed order, so a text gives the
+//! same bits alone and inside any padded batch.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
+
+use super::bert::exp_neg;
+
+/// `softmax(q·kᵀ · scale) · v` per head, over the keys the mask marks real.
+pub struct SelfAttention {
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl SelfAttention {
+    /// `qkv` is `[batch · len, 3 · hidden]` (q, then k, then v, each head's `head_dim` columns
+    /// together), `mask` `[batch · len]` with non-zero for real tokens; `out` is `[batch · len,
+    /// hidden]`. Rows of padding tokens get zeros: nothing reads them but row-wise layers.
+    pub fn forward(&self, qkv: &[f32], mask: &[f32], len: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // Safety: the feature this function is compiled for was just detected.
+            unsafe { self.forward_avx512(qkv, mask, len, out) };
+            return;
+        }
+        self.forward_portable(qkv, mask, len, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn forward_avx512(&self, qkv: &[f32], mask: &[f32], len: usize, out: &mut [f32]) {
+        self.forward_portable(qkv, mask, len, out);
+    }
+
+    /// Written for the auto-vectoriser: sums run lane-wise over fixed groups of `LANES` keys or
+    /// value columns, with multiplies and adds kept apart (Rust never fuses them), so every
+    /// build of this function gives the same bits.
+    #[inline(always)]
+    fn forward_portable(&self, qkv: &[f32], mask: &[f32], len: usize, out: &mut [f32]) {
+        let (hd, hidden) = (self.head_dim, self.heads * self.head_dim);
+        let hd_pad = hd.next_multiple_of(LANES);
+        let stride = 3 * hidden;
+        let scale = 1.0 / (hd as f32).sqrt();
+        out.fill(0.0);
+        // Per head: keys transposed (`[hd][keys]`, so a query's scores are a run of lane-wise
+        // multiply-adds), values as rows, one query's scores; keys and columns padded with
+        // zeros to whole lane groups.
+        let (mut keys_t, mut values, mut scores, mut q) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (seq, seq_mask) in mask.chunks_exact(len).enumerate() {
+            let real: Vec<usize> = (0..len).filter(|&j| seq_mask[j] != 0.0).collect();
+            let n = real.len();
+            let n_pad = n.next_multiple_of(LANES);
+            let row = |t: usize| &qkv[(seq * len + t) * stride..(seq * len + t + 1) * stride];
+            for h in 0..self.heads {
+                let (q0, k0, v0) = (h * hd, hidden + h * hd, 2 * hidden + h * hd);
+                keys_t.clear();
+                keys_t.resize(hd * n_pad, 0.0);
+                values.clear();
+                values.resize(n * hd_pad, 0.0);
+                for (j, &t) in real.iter().enumerate() {
+                    let r = row(t);
+                    for d in 0..hd {
+                        keys_t[d * n_pad + j] = r[k0 + d];
+                    }
+                    values[j * hd_pad..j * hd_pad + hd].copy_from_slice(&r[v0..v0 + hd]);
+                }
+                // Queries go in groups of `QUERIES`, each with its own sums (the same order as
+                // alone): independent chains of adds instead of one waiting on the last.
+                for group in real.chunks(QUERIES) {
+                    q.clear();
+                    q.resize(QUERIES * hd, 0.0);
+                    for (qi, &i) in group.iter().enumerate() {
+                        for (d, x) in row(i)[q0..q0 + hd].iter().enumerate() {
+                            q[qi * hd + d] = x * scale;
+                        }
+                    }
+                    scores.clear();
+                    scores.resize(QUERIES * n_pad, 0.0);
+                    for j0 in (0..n_pad).step_by(LANES) {
+                        let acc = lanes::weighted_sum(
+                            hd,
+                            |qi, d| q[qi * hd + d],
+                            |d| &keys_t[d * n_pad + j0..][..LANES],
+                        );
+                        for (qi, acc) in acc.iter().enumerate() {
+                            scores[qi * n_pad + j0..][..LANES].copy_from_slice(acc);
+                        }
+                    }
+                    for probs in scores.chunks_exact_mut(n_pad) {
+                        softmax(probs, n);
+                    }
+                    for d0 in (0..hd).step_by(LANES) {
+                        let acc = lanes::weighted_sum(
+                            n,
+                            |qi, j| scores[qi * n_pad + j],
+                            |j| &values[j * hd_pad + d0..][..LANES],
+                        );
+                        let cols = LANES.min(hd - d0);
+                        for (&i, acc) in group.iter().zip(&acc) {
+                            let start = (seq * len + i) * hidden + q0 + d0;
+                            out[start..start + cols].copy_from_slice(&acc[..cols]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Softmax over the first `n` of `scores` (a whole number of lane groups); the rest become 0.
+#[inline(always)]
+fn softmax(scores: &mut [f32], n: usize) {
+    scores[n..].fill(f32::NEG_INFINITY);
+    let mut max = [f32::NEG_INFINITY; LANES];
+    for group in scores.chunks_exact(LANES) {
+        for (m, &s) in max.iter_mut().zip(group) {
+            *m = m.max(s);
+        }
+    }
+    let max = max.into_iter().fold(f32::NEG_INFINITY, f32::max);
+    for s in scores.iter_mut() {
+        *s = exp_neg(max - *s);
+    }
+    scores[n..].fill(0.0);
+    let mut sum = [0f32; LANES];
+    for group in scores.chunks_exact(LANES) {
+        for (t, &s) in sum.iter_mut().zip(group) {
+            *t += s;
+        }
+    }
+    let sum: f32 = sum.into_iter().sum();
+    for s in scores.iter_mut() {
+        *s /= sum;
+    }
+}
+
+/// Queries computed side by side.
+const QUERIES: usize = 4;
+
+/// `acc[qi][l] = Σ_t weight(qi, t) · row(t)[l]` for `t` in `0..terms`, summed in `t` order with
+/// the multiply and the add rounded apart: the portable and AVX-512 forms give the same bits.
+mod lanes {
+    use super::{LANES, QUERIES};
+
+    pub type Sums = [[f32; LANES]; QUERIES];
+
+    #[inline(always)]
+    pub fn weighted_sum<'a>(
+        terms: usize,
+        weight: impl Fn(usize, usize) -> f32,
+        row: impl Fn(usize) -> &'a [f32],
+    ) -> Sums {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // Safety: the feature was just detected.
+            return unsafe { avx512(terms, weight, row) };
+        }
+        portable(terms, weight, row)
+    }
+
+    fn portable<'a>(
+        terms: usize,
+        weight: impl Fn(usize, usize) -> f32,
+        row: impl Fn(usize) -> &'a [f32],
+    ) -> Sums {
+        let mut acc = [[0f32; LANES]; QUERIES];
+        for t in 0..terms {
+            let r = row(t);
+            for (qi, acc) in acc.iter_mut().enumerate() {
+                let w = weight(qi, t);
+                for (a, &x) in acc.iter_mut().zip(r) {
+                    *a += w * x;
+                }
+            }
+        }
+        acc
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512<'a>(
+        terms: usize,
+        weight: impl Fn(usize, usize) -> f32,
+        row: impl Fn(usize) -> &'a [f32],
+    ) -> Sums {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); QUERIES];
+        for t in 0..terms {
+            let r = row(t);
+            assert!(r.len() >= LANES);
+            // Safety: 16 floats, checked above.
+            let x = _mm512_loadu_ps(r.as_ptr());
+            for (qi, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(_mm512_set1_ps(weight(qi, t)), x));
+            }
+        }
+        let mut out = [[0f32; LANES]; QUERIES];
+        for (o, a) in out.iter_mut().zip(acc) {
+            // Safety: `o` is 16 floats.
+            _mm512_storeu_ps(o.as_mut_ptr(), a);
+        }
+        out
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn both_forms_give_the_same_bits() {
+        let w = crate::engine::pseudo_random(QUERIES * 37, 3);
+        let rows = crate::engine::pseudo_random(37 * LANES, 4);
+        let weight = |qi: usize, t: usize| w[qi * 37 + t] * 1e3;
+        let row = |t: usize| &rows[t * LANES..(t + 1) * LANES];
+        let want = portable(37, weight, row);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // Safety: detected.
+            assert_eq!(unsafe { avx512(37, weight, row) }, want);
+        }
+        assert_eq!(weighted_sum(37, weight, row), want);
+    }
+}
+
+/// Keys (or value columns) summed lane-wise together: one AVX-512 register.
+const LANES: usize = 16;
+
+impl CustomOp2 for SelfAttention {
+    fn name(&self) -> &'static str {
+        "encoder-self-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qkv: &CpuStorage,
+        qkv_layout: &Layout,
+        mask: &CpuStorage,
+        mask_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let qkv_data = super::contiguous_f32(self.name(), qkv, qkv_layout)?;
+        let mask_data = super::contiguous_f32(self.name(), mask, mask_layout)?;
+        let hidden = self.heads * self.head_dim;
+        let (batch, len) = mask_layout.shape().dims2()?;
+        let (rows, width) = qkv_layout.shape().dims2()?;
+        if rows != batch * len || width != 3 * hidden {
+            candle_core::bail!(
+                "{}: qkv [{rows}, {width}] for a [{batch}, {len}] mask and hidden {hidden}",
+                self.name()
+            );
+        }
+        let mut out = vec![0f32; rows * hidden];
+        self.forward(qkv_data, mask_data, len, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((rows, hidden))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::pseudo_random;
+
+    /// Textbook attention in f64 over the real keys.
+    fn reference(qkv: &[f32], mask: &[f32], len: usize, heads: usize, hd: usize) -> Vec<f32> {
+        let hidden = heads * hd;
+        let mut out = vec![0f32; mask.len() * hidden];
+        for (b, m) in mask.chunks_exact(len).enumerate() {
+            let at = |t: usize, c: usize| qkv[(b * len + t) * 3 * hidden + c] as f64;
+            let real: Vec<usize> = (0..len).filter(|&j| m[j] != 0.0).collect();
+            for h in 0..heads {
+                for &i in &real {
+                    let s: Vec<f64> = real
+                        .iter()
+                        .map(|&j| {
+                            (0..hd)
+                                .map(|d| at(i, h * hd + d) * at(j, hidden + h * hd + d))
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for d in 0..hd {
+                        let v: f64 = real
+                            .iter()
+                            .zip(&e)
+                            .map(|(&j, e)| e / sum * at(j, 2 * hidden + h * hd + d))
+                            .sum();
+                        out[(b * len + i) * hidden + h * hd + d] = v as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_textbook_attention_and_ignores_padding() {
+        let (heads, hd, len) = (3, 8, 7);
+        // Three sequences: full, padded at the end, and a single token.
+        let mask: Vec<f32> = [
+            [1.0; 7],
+            [1., 1., 1., 1., 0., 0., 0.],
+            [1., 0., 0., 0., 0., 0., 0.],
+        ]
+        .concat();
+        let mut qkv = pseudo_random(3 * len * 3 * heads * hd, 9);
+        qkv.iter_mut().for_each(|x| *x *= 3.0);
+        let attention = SelfAttention {
+            heads,
+            head_dim: hd,
+        };
+        let mut got = vec![f32::NAN; 3 * len * heads * hd];
+        attention.forward(&qkv, &mask, len, &mut got);
+        let want = reference(&qkv, &mask, len, heads, hd);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 2e-6 * (1.0 + w.abs()), "[{i}] {g} vs {w}");
+        }
+        // The padded sequence alone, unpadded, gives the same bits.
+        let hidden = heads * hd;
+        let mut alone = vec![0f32; 4 * hidden];
+        let rows = &qkv[len * 3 * hidden..(len + 4) * 3 * hidden];
+        attention.forward(rows, &[1.0; 4], 4, &mut alone);
+        assert_eq!(alone, got[len * hidden..(len + 4) * hidden]);
+    }
+}
