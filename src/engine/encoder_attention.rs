@@ -26,26 +26,41 @@ impl SelfAttention {
     /// together), `mask` `[batch · len]` with non-zero for real tokens; `out` is `[batch · len,
     /// hidden]`. Rows of padding tokens get zeros: nothing reads them but row-wise layers.
     pub fn forward(&self, qkv: &[f32], mask: &[f32], len: usize, out: &mut [f32]) {
+        let simd = lanes::Simd::detect();
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if simd.avx512() {
             // Safety: the feature this function is compiled for was just detected.
-            unsafe { self.forward_avx512(qkv, mask, len, out) };
+            unsafe { self.forward_avx512(qkv, mask, len, out, simd) };
             return;
         }
-        self.forward_portable(qkv, mask, len, out);
+        self.forward_portable(qkv, mask, len, out, simd);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn forward_avx512(&self, qkv: &[f32], mask: &[f32], len: usize, out: &mut [f32]) {
-        self.forward_portable(qkv, mask, len, out);
+    unsafe fn forward_avx512(
+        &self,
+        qkv: &[f32],
+        mask: &[f32],
+        len: usize,
+        out: &mut [f32],
+        simd: lanes::Simd,
+    ) {
+        self.forward_portable(qkv, mask, len, out, simd);
     }
 
     /// Written for the auto-vectoriser: sums run lane-wise over fixed groups of `LANES` keys or
     /// value columns, with multiplies and adds kept apart (Rust never fuses them), so every
     /// build of this function gives the same bits.
     #[inline(always)]
-    fn forward_portable(&self, qkv: &[f32], mask: &[f32], len: usize, out: &mut [f32]) {
+    fn forward_portable(
+        &self,
+        qkv: &[f32],
+        mask: &[f32],
+        len: usize,
+        out: &mut [f32],
+        simd: lanes::Simd,
+    ) {
         let (hd, hidden) = (self.head_dim, self.heads * self.head_dim);
         let hd_pad = hd.next_multiple_of(LANES);
         let stride = 3 * hidden;
@@ -69,8 +84,8 @@ impl SelfAttention {
                 values.resize(n * hd_pad, 0.0);
                 for (j, &t) in real.iter().enumerate() {
                     let r = row(t);
-                    for d in 0..hd {
-                        keys_t[d * n_pad + j] = r[k0 + d];
+                    for (column, &k) in keys_t.chunks_exact_mut(n_pad).zip(&r[k0..k0 + hd]) {
+                        column[j] = k;
                     }
                     values[j * hd_pad..j * hd_pad + hd].copy_from_slice(&r[v0..v0 + hd]);
                 }
@@ -79,19 +94,15 @@ impl SelfAttention {
                 for group in real.chunks(QUERIES) {
                     q.clear();
                     q.resize(QUERIES * hd, 0.0);
-                    for (qi, &i) in group.iter().enumerate() {
-                        for (d, x) in row(i)[q0..q0 + hd].iter().enumerate() {
-                            q[qi * hd + d] = x * scale;
+                    for (q, &i) in q.chunks_exact_mut(hd).zip(group) {
+                        for (q, x) in q.iter_mut().zip(&row(i)[q0..q0 + hd]) {
+                            *q = x * scale;
                         }
                     }
                     scores.clear();
                     scores.resize(QUERIES * n_pad, 0.0);
                     for j0 in (0..n_pad).step_by(LANES) {
-                        let acc = lanes::weighted_sum(
-                            hd,
-                            |qi, d| q[qi * hd + d],
-                            |d| &keys_t[d * n_pad + j0..][..LANES],
-                        );
+                        let acc = lanes::weighted_sum(simd, hd, (&q, hd), (&keys_t[j0..], n_pad));
                         for (qi, acc) in acc.iter().enumerate() {
                             scores[qi * n_pad + j0..][..LANES].copy_from_slice(acc);
                         }
@@ -101,9 +112,10 @@ impl SelfAttention {
                     }
                     for d0 in (0..hd).step_by(LANES) {
                         let acc = lanes::weighted_sum(
+                            simd,
                             n,
-                            |qi, j| scores[qi * n_pad + j],
-                            |j| &values[j * hd_pad + d0..][..LANES],
+                            (&scores, n_pad),
+                            (&values[d0..], hd_pad),
                         );
                         let cols = LANES.min(hd - d0);
                         for (&i, acc) in group.iter().zip(&acc) {
@@ -147,37 +159,71 @@ fn softmax(scores: &mut [f32], n: usize) {
 /// Queries computed side by side.
 const QUERIES: usize = 4;
 
-/// `acc[qi][l] = Σ_t weight(qi, t) · row(t)[l]` for `t` in `0..terms`, summed in `t` order with
-/// the multiply and the add rounded apart: the portable and AVX-512 forms give the same bits.
+/// `acc[qi][l] = Σ_t w[qi · w_stride + t] · rows[t · r_stride + l]` for `t` in `0..terms`,
+/// summed in `t` order with the multiply and the add rounded apart: the portable and AVX-512
+/// forms give the same bits.
 mod lanes {
     use super::{LANES, QUERIES};
 
     pub type Sums = [[f32; LANES]; QUERIES];
 
-    #[inline(always)]
-    pub fn weighted_sum<'a>(
-        terms: usize,
-        weight: impl Fn(usize, usize) -> f32,
-        row: impl Fn(usize) -> &'a [f32],
-    ) -> Sums {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // Safety: the feature was just detected.
-            return unsafe { avx512(terms, weight, row) };
-        }
-        portable(terms, weight, row)
+    /// Which form to run: AVX-512 only where detected (the one way to make one).
+    #[derive(Clone, Copy)]
+    pub struct Simd {
+        avx512: bool,
     }
 
-    fn portable<'a>(
+    impl Simd {
+        pub fn detect() -> Self {
+            #[cfg(target_arch = "x86_64")]
+            let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+            #[cfg(not(target_arch = "x86_64"))]
+            let avx512 = false;
+            Self { avx512 }
+        }
+
+        pub fn avx512(self) -> bool {
+            self.avx512
+        }
+
+        #[cfg(test)]
+        fn portable() -> Self {
+            Self { avx512: false }
+        }
+    }
+
+    /// Panics unless `w` and `rows` hold what the strides and `terms` say.
+    #[inline(always)]
+    pub fn weighted_sum(
+        simd: Simd,
         terms: usize,
-        weight: impl Fn(usize, usize) -> f32,
-        row: impl Fn(usize) -> &'a [f32],
+        (w, w_stride): (&[f32], usize),
+        (rows, r_stride): (&[f32], usize),
+    ) -> Sums {
+        if terms == 0 {
+            return [[0.0; LANES]; QUERIES];
+        }
+        assert!((QUERIES - 1) * w_stride + terms <= w.len());
+        assert!((terms - 1) * r_stride + LANES <= rows.len());
+        #[cfg(target_arch = "x86_64")]
+        if simd.avx512 {
+            // Safety: `Simd` says AVX-512F only where detected; bounds were checked above.
+            return unsafe { avx512(terms, (w, w_stride), (rows, r_stride)) };
+        }
+        let _ = simd;
+        portable(terms, (w, w_stride), (rows, r_stride))
+    }
+
+    fn portable(
+        terms: usize,
+        (w, w_stride): (&[f32], usize),
+        (rows, r_stride): (&[f32], usize),
     ) -> Sums {
         let mut acc = [[0f32; LANES]; QUERIES];
         for t in 0..terms {
-            let r = row(t);
+            let r = &rows[t * r_stride..][..LANES];
             for (qi, acc) in acc.iter_mut().enumerate() {
-                let w = weight(qi, t);
+                let w = w[qi * w_stride + t];
                 for (a, &x) in acc.iter_mut().zip(r) {
                     *a += w * x;
                 }
@@ -188,20 +234,20 @@ mod lanes {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn avx512<'a>(
+    unsafe fn avx512(
         terms: usize,
-        weight: impl Fn(usize, usize) -> f32,
-        row: impl Fn(usize) -> &'a [f32],
+        (w, w_stride): (&[f32], usize),
+        (rows, r_stride): (&[f32], usize),
     ) -> Sums {
         use std::arch::x86_64::*;
+        let (w, rows) = (w.as_ptr(), rows.as_ptr());
         let mut acc = [_mm512_setzero_ps(); QUERIES];
         for t in 0..terms {
-            let r = row(t);
-            assert!(r.len() >= LANES);
-            // Safety: 16 floats, checked above.
-            let x = _mm512_loadu_ps(r.as_ptr());
+            // Safety (all reads): within the bounds `weighted_sum` checked.
+            let x = _mm512_loadu_ps(rows.add(t * r_stride));
             for (qi, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(_mm512_set1_ps(weight(qi, t)), x));
+                let wt = _mm512_set1_ps(*w.add(qi * w_stride + t));
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(wt, x));
             }
         }
         let mut out = [[0f32; LANES]; QUERIES];
@@ -215,17 +261,15 @@ mod lanes {
     #[cfg(test)]
     #[test]
     fn both_forms_give_the_same_bits() {
-        let w = crate::engine::pseudo_random(QUERIES * 37, 3);
-        let rows = crate::engine::pseudo_random(37 * LANES, 4);
-        let weight = |qi: usize, t: usize| w[qi * 37 + t] * 1e3;
-        let row = |t: usize| &rows[t * LANES..(t + 1) * LANES];
-        let want = portable(37, weight, row);
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // Safety: detected.
-            assert_eq!(unsafe { avx512(37, weight, row) }, want);
-        }
-        assert_eq!(weighted_sum(37, weight, row), want);
+        let w: Vec<f32> = crate::engine::pseudo_random(QUERIES * 40, 3)
+            .iter()
+            .map(|x| x * 1e3)
+            .collect();
+        let rows = crate::engine::pseudo_random(37 * 20, 4);
+        let (w, rows) = ((&w[..], 40), (&rows[..], 20));
+        let want = portable(37, w, rows);
+        assert_eq!(weighted_sum(Simd::detect(), 37, w, rows), want);
+        assert_eq!(weighted_sum(Simd::portable(), 37, w, rows), want);
     }
 }
 
