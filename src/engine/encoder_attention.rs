@@ -15,6 +15,14 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 
 use super::bert::exp_neg;
 
+/// `forward`'s operands, passed on together.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    qkv: &'a [f32],
+    mask: &'a [f32],
+    len: usize,
+}
+
 /// `softmax(q·kᵀ · scale) · v` per head, over the keys the mask marks real.
 pub struct SelfAttention {
     pub heads: usize,
@@ -27,40 +35,28 @@ impl SelfAttention {
     /// hidden]`. Rows of padding tokens get zeros: nothing reads them but row-wise layers.
     pub fn forward(&self, qkv: &[f32], mask: &[f32], len: usize, out: &mut [f32]) {
         let simd = lanes::Simd::detect();
+        let input = Input { qkv, mask, len };
         #[cfg(target_arch = "x86_64")]
         if simd.avx512() {
             // Safety: the feature this function is compiled for was just detected.
-            unsafe { self.forward_avx512(qkv, mask, len, out, simd) };
+            unsafe { self.forward_avx512(input, out, simd) };
             return;
         }
-        self.forward_portable(qkv, mask, len, out, simd);
+        self.forward_portable(input, out, simd);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn forward_avx512(
-        &self,
-        qkv: &[f32],
-        mask: &[f32],
-        len: usize,
-        out: &mut [f32],
-        simd: lanes::Simd,
-    ) {
-        self.forward_portable(qkv, mask, len, out, simd);
+    unsafe fn forward_avx512(&self, input: Input, out: &mut [f32], simd: lanes::Simd) {
+        self.forward_portable(input, out, simd);
     }
 
     /// Written for the auto-vectoriser: sums run lane-wise over fixed groups of `LANES` keys or
     /// value columns, with multiplies and adds kept apart (Rust never fuses them), so every
     /// build of this function gives the same bits.
     #[inline(always)]
-    fn forward_portable(
-        &self,
-        qkv: &[f32],
-        mask: &[f32],
-        len: usize,
-        out: &mut [f32],
-        simd: lanes::Simd,
-    ) {
+    fn forward_portable(&self, input: Input, out: &mut [f32], simd: lanes::Simd) {
+        let Input { qkv, mask, len } = input;
         let (hd, hidden) = (self.head_dim, self.heads * self.head_dim);
         let hd_pad = hd.next_multiple_of(LANES);
         let stride = 3 * hidden;
@@ -111,12 +107,8 @@ impl SelfAttention {
                         softmax(probs, n);
                     }
                     for d0 in (0..hd).step_by(LANES) {
-                        let acc = lanes::weighted_sum(
-                            simd,
-                            n,
-                            (&scores, n_pad),
-                            (&values[d0..], hd_pad),
-                        );
+                        let acc =
+                            lanes::weighted_sum(simd, n, (&scores, n_pad), (&values[d0..], hd_pad));
                         let cols = LANES.min(hd - d0);
                         for (&i, acc) in group.iter().zip(&acc) {
                             let start = (seq * len + i) * hidden + q0 + d0;
