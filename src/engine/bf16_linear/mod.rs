@@ -8,7 +8,8 @@
 //! Every output row is computed the same way whatever the batch, so results are batch-invariant.
 //!
 //! Without AVX-512 BF16 a portable kernel computes the same products (slower); `Precision::Auto`
-//! only picks this layer when the instruction is there.
+//! only picks this layer when the instruction is there. Where the CPU has AMX-BF16 (and Linux
+//! grants the tile state) the same packed weights feed tile instructions instead (`amx`).
 
 use std::cell::Cell;
 use std::sync::OnceLock;
@@ -256,13 +257,19 @@ impl Bf16Linear {
                 }
             }
         }
-        SCRATCH.set(a);
+        // A batch far past the serving sizes would otherwise pin its buffer for good.
+        if a.0.len() * std::mem::size_of::<Line>() <= SCRATCH_KEEP_BYTES {
+            SCRATCH.set(a);
+        }
     }
 }
 
 /// 32-bit words starting on a cache line, so no AMX tile row (64 bytes) straddles two.
 #[derive(Default)]
 struct Lines(Vec<Line>);
+
+/// The largest packed-activation buffer a thread keeps: 384 rows of 1536 inputs is 1.2 MiB.
+const SCRATCH_KEEP_BYTES: usize = 4 << 20;
 
 thread_local! {
     /// Each compute thread's packed activations, kept between calls.
@@ -335,7 +342,11 @@ unsafe fn native_block(blk: Block, n: usize) {
 }
 
 /// Up to 32 rows × one panel on AMX tiles. Whole blocks are stored in place; a block at the
-/// batch's last rows or the layer's last columns goes through a scratch tile.
+/// batch's last rows or the layer's last columns goes through a scratch tile. `bias` is the
+/// panel's whole 32 (zero past the last column), loaded as one tile row; `blk.bias` is cut to
+/// the columns that exist.
+///
+/// Safety: `tiles` configured on this thread; `blk.a` holds 32 rows (padding included).
 #[cfg(target_arch = "x86_64")]
 unsafe fn amx_block(tiles: &amx::Tiles, blk: Block, n: usize, bias: &[f32]) {
     let cols = blk.bias.len();
