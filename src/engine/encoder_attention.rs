@@ -61,7 +61,6 @@ impl SelfAttention {
         let hd_pad = hd.next_multiple_of(LANES);
         let stride = 3 * hidden;
         let scale = 1.0 / (hd as f32).sqrt();
-        out.fill(0.0);
         // Per head: keys transposed (`[hd][keys]`, so a query's scores are a run of lane-wise
         // multiply-adds), values as rows, one query's scores; keys and columns padded with
         // zeros to whole lane groups.
@@ -69,6 +68,10 @@ impl SelfAttention {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (seq, seq_mask) in mask.chunks_exact(len).enumerate() {
             let real: Vec<usize> = (0..len).filter(|&j| seq_mask[j] != 0.0).collect();
+            // Real rows are written whole below (every head's columns); only padding is zeroed.
+            for (t, _) in seq_mask.iter().enumerate().filter(|(_, &m)| m == 0.0) {
+                out[(seq * len + t) * hidden..][..hidden].fill(0.0);
+            }
             let n = real.len();
             let n_pad = n.next_multiple_of(LANES);
             let row = |t: usize| &qkv[(seq * len + t) * stride..(seq * len + t + 1) * stride];
