@@ -11,6 +11,19 @@ pub mod tensor;
 
 use std::path::PathBuf;
 
+/// 64 bytes that start on a cache line (an AVX-512 register, an AMX tile row), so no aligned
+/// load of one straddles two lines. Kernels keep their scratch in these.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct CacheLine(pub(crate) [u8; 64]);
+
+/// The AVX-512 mask of the first `min(n, 16)` lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn first_lanes(n: usize) -> u16 {
+    ((1u32 << n.min(16)) - 1) as u16
+}
+
 /// The contiguous f32 data of a custom op's input, or why the op cannot take it.
 pub(crate) fn contiguous_f32<'a>(
     op: &str,

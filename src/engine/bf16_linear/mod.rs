@@ -17,6 +17,10 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
 #[cfg(target_arch = "x86_64")]
+use super::first_lanes;
+use super::CacheLine;
+
+#[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
 use amx::TILE;
@@ -258,7 +262,7 @@ impl Bf16Linear {
             }
         }
         // A batch far past the serving sizes would otherwise pin its buffer for good.
-        if a.0.len() * std::mem::size_of::<Line>() <= SCRATCH_KEEP_BYTES {
+        if a.0.len() * std::mem::size_of::<CacheLine>() <= SCRATCH_KEEP_BYTES {
             SCRATCH.set(a);
         }
     }
@@ -266,7 +270,7 @@ impl Bf16Linear {
 
 /// 32-bit words starting on a cache line, so no AMX tile row (64 bytes) straddles two.
 #[derive(Default)]
-struct Lines(Vec<Line>);
+struct Lines(Vec<CacheLine>);
 
 /// The largest packed-activation buffer a thread keeps: 384 rows of 1536 inputs is 1.2 MiB.
 const SCRATCH_KEEP_BYTES: usize = 4 << 20;
@@ -276,24 +280,20 @@ thread_local! {
     static SCRATCH: Cell<Lines> = Cell::default();
 }
 
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u32; 16]);
-
 impl Lines {
     fn zeroed(words: usize) -> Self {
-        Self(vec![Line([0; 16]); words.div_ceil(16)])
+        Self(vec![CacheLine([0; 64]); words.div_ceil(16)])
     }
 
     /// Room for at least `words` words; what is there is not cleared.
     fn reserve(&mut self, words: usize) {
         if self.0.len() * 16 < words {
-            self.0.resize(words.div_ceil(16), Line([0; 16]));
+            self.0.resize(words.div_ceil(16), CacheLine([0; 64]));
         }
     }
 
     fn words(&self) -> &[u32] {
-        // Safety: `Line` is 16 `u32`s with no padding.
+        // Safety: a `CacheLine` is 64 bytes, aligned past `u32`: 16 words, every bit pattern valid.
         unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * 16) }
     }
 
@@ -396,7 +396,7 @@ unsafe fn native_kernel<const R: usize>(blk: Block) {
         }
     }
     let cols = blk.bias.len();
-    let masks = [lane_mask(cols), lane_mask(cols.saturating_sub(16))];
+    let masks = [first_lanes(cols), first_lanes(cols.saturating_sub(16))];
     let bias = blk.bias.as_ptr();
     let out = blk.out.as_mut_ptr();
     for (r, acc) in acc.iter().enumerate() {
@@ -404,15 +404,6 @@ unsafe fn native_kernel<const R: usize>(blk: Block) {
             let bv = _mm512_maskz_loadu_ps(mask, bias.add(h * 16));
             _mm512_mask_storeu_ps(out.add(r * blk.ldc + h * 16), mask, _mm512_add_ps(v, bv));
         }
-    }
-}
-
-/// The first `n` of 16 lanes.
-fn lane_mask(n: usize) -> u16 {
-    if n >= 16 {
-        u16::MAX
-    } else {
-        ((1u32 << n) - 1) as u16
     }
 }
 

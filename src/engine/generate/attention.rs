@@ -312,7 +312,7 @@ mod x86 {
 
     use half::f16;
 
-    use super::ggml;
+    use crate::engine::first_lanes;
 
     /// 16 f16 at `p` as f32.
     #[inline(always)]
@@ -360,7 +360,7 @@ mod x86 {
                 }
             });
             let dots = reduce16_x16(&x);
-            let mask = ggml::x86::first_lanes(count);
+            let mask = first_lanes(count);
             _mm512_mask_storeu_ps(out.as_mut_ptr().add(j0), mask, _mm512_mul_ps(dots, scale));
         }
     }

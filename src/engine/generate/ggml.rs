@@ -249,11 +249,7 @@ pub fn dot_f16_gemm(a: &[f32], b: &[f32]) -> f32 {
 pub(super) mod x86 {
     use std::arch::x86_64::*;
 
-    /// The mask of the first `min(n, 16)` lanes.
-    #[inline(always)]
-    pub(in crate::engine::generate) fn first_lanes(n: usize) -> __mmask16 {
-        ((1u32 << n.min(16)) - 1) as __mmask16
-    }
+    use crate::engine::first_lanes;
 
     #[inline(always)]
     unsafe fn splat(bits: u32) -> __m512 {

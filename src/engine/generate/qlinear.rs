@@ -33,6 +33,7 @@ use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use half::f16;
 
 use super::ggml;
+use crate::engine::CacheLine;
 
 /// Quants per block, in both formats.
 const QK: usize = 32;
@@ -332,7 +333,7 @@ impl Packed {
             for g in groups {
                 #[cfg(target_arch = "x86_64")]
                 if unpack {
-                    nibbles.resize(self.nb * 8, Line([0; 64]));
+                    nibbles.resize(self.nb * 8, CacheLine([0; 64]));
                     // SAFETY: `unpack` implies `Isa::Avx512Vnni` (avx512f and avx512bw
                     // detected); the group holds nb blocks of quants and `nibbles` 8 lines each.
                     unsafe { x86::q4_1_unpack(self.group(g), self.nb, &mut nibbles) };
@@ -373,7 +374,7 @@ impl Packed {
         g: usize,
         acts: &Acts,
         r0: usize,
-        nibbles: &[Line],
+        nibbles: &[CacheLine],
     ) -> [[f32; LANES]; R] {
         let w = self.group(g);
         // The kernels index rows r0..r0 + R of `acts` and a whole group of `w` through raw
@@ -428,11 +429,6 @@ impl Packed {
         }
     }
 }
-
-/// One cache line of bytes (the split nibbles of a Q4_1 block: 8 per block).
-#[derive(Clone, Copy)]
-#[repr(align(64))]
-struct Line([u8; 64]);
 
 /// The output buffer, shared by the pool's threads; they write disjoint column groups.
 #[derive(Clone, Copy)]
@@ -599,7 +595,7 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{Acts, Format, Line, LANES, QK};
+    use super::{Acts, CacheLine, Format, LANES, QK};
 
     /// `super::quantize_blocks` 16 lanes at a time: the same operations, so the same bytes
     /// (the max of absolute values is exact in any order, and `cvtps_epi32` rounds half to even
@@ -664,10 +660,10 @@ mod x86 {
     /// The CPU has avx512f and avx512bw; `w` holds `nb` blocks of quants and `out` `8 · nb`
     /// lines.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn q4_1_unpack(w: &[u8], nb: usize, out: &mut [Line]) {
+    pub(super) unsafe fn q4_1_unpack(w: &[u8], nb: usize, out: &mut [CacheLine]) {
         assert!(out.len() >= nb * 8 && w.len() >= nb * Format::Q4_1.qs_bytes());
         let nibble = _mm512_set1_epi8(0x0F);
-        // SAFETY: in bounds by the assert above; `Line` is 64-byte aligned.
+        // SAFETY: in bounds by the assert above; a `CacheLine` is 64-byte aligned.
         unsafe {
             let lines = out.as_mut_ptr();
             for b in 0..nb {
@@ -687,7 +683,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn q4_1_vnni<const R: usize, const UNPACKED: bool>(
         w: &[u8],
-        nibbles: &[Line],
+        nibbles: &[CacheLine],
         acts: &Acts,
         r0: usize,
     ) -> [[f32; LANES]; R] {
