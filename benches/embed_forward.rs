@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use ember::repository::EmbedOptions;
+use ember::repository::{EmbedOptions, Precision};
 
 // As `ember serve` runs: per-batch tensors are reused rather than handed back to the OS.
 #[global_allocator]
@@ -21,8 +21,16 @@ fn main() {
         dir.join("model.safetensors").is_file(),
         "run models/fetch.sh first"
     );
-    let (mut embedder, _) =
-        ember::engine::embed::load(&dir, &EmbedOptions::default(), &Device::Cpu).unwrap();
+    // EMBER_BENCH_PRECISION=f32|bf16|auto, as `precision` in model.toml.
+    let precision = std::env::var("EMBER_BENCH_PRECISION").unwrap_or_else(|_| "auto".into());
+    let precision: Precision = serde_json::from_value(serde_json::Value::String(precision))
+        .expect("EMBER_BENCH_PRECISION is f32, bf16 or auto");
+    let options = EmbedOptions {
+        precision,
+        ..EmbedOptions::default()
+    };
+    let (mut embedder, _) = ember::engine::embed::load(&dir, &options, &Device::Cpu).unwrap();
+    println!("precision {:?}", embedder.info().precision);
     let shapes = std::env::var("EMBER_BENCH_SHAPES")
         .unwrap_or_else(|_| "1x12,16x12,32x12,16x60,4x256".into());
     println!(

@@ -118,11 +118,12 @@ pub enum Pooling {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// bf16 weights on CPUs with AVX-512 BF16 (twice the f32 rate), f32 everywhere else.
+    /// bf16 weights on CPUs with AVX-512 BF16 (twice the f32 rate) or AVX2 and FMA (weights
+    /// packed once, half the bytes), f32 everywhere else.
     #[default]
     Auto,
     F32,
-    /// bf16 weights and activations with f32 sums, on any CPU (slow without AVX-512 BF16).
+    /// bf16 weights and activations with f32 sums, on any CPU (slow without AVX2).
     Bf16,
 }
 

@@ -34,7 +34,8 @@ fn padding_does_not_change_a_vector() {
 }
 
 /// Both arithmetic paths of the dense layers meet the reference bar on every case, one by one
-/// and in one padded batch (bf16 runs the portable kernel where the CPU lacks AVX-512 BF16).
+/// and in one padded batch (bf16 runs whichever kernel this CPU has: AMX, AVX-512 BF16, AVX2 or
+/// portable).
 #[test]
 fn f32_and_bf16_both_match_the_reference() {
     let dir = minilm_weights();

@@ -168,7 +168,7 @@ impl Bert {
     ) -> candle_core::Result<Self> {
         let bf16 = match precision {
             Precision::F32 => false,
-            Precision::Auto => vb.device().is_cpu() && super::bf16_linear::native_supported(),
+            Precision::Auto => vb.device().is_cpu() && super::bf16_linear::fast_on_this_cpu(),
             Precision::Bf16 if vb.device().is_cpu() => true,
             Precision::Bf16 => candle_core::bail!(
                 "precision = \"bf16\" is implemented for CPU only; use \"f32\" or \"auto\" on CUDA"

@@ -37,10 +37,14 @@ impl SelfAttention {
         let simd = lanes::Simd::detect();
         let input = Input { qkv, mask, len };
         #[cfg(target_arch = "x86_64")]
-        if simd.avx512() {
-            // Safety: the feature this function is compiled for was just detected.
-            unsafe { self.forward_avx512(input, out, simd) };
-            return;
+        {
+            // Safety (both): `Simd` names a feature only where it was detected.
+            if simd.avx512() {
+                return unsafe { self.forward_avx512(input, out, simd) };
+            }
+            if simd.avx2() {
+                return unsafe { self.forward_avx2(input, out, simd) };
+            }
         }
         self.forward_portable(input, out, simd);
     }
@@ -48,6 +52,14 @@ impl SelfAttention {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn forward_avx512(&self, input: Input, out: &mut [f32], simd: lanes::Simd) {
+        self.forward_portable(input, out, simd);
+    }
+
+    /// FMA only speeds up `mul_add` (which is fused in every build); plain multiplies and adds
+    /// are never contracted in Rust, so the bits stay the portable form's.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn forward_avx2(&self, input: Input, out: &mut [f32], simd: lanes::Simd) {
         self.forward_portable(input, out, simd);
     }
 
@@ -162,28 +174,45 @@ mod lanes {
 
     pub type Sums = [[f32; LANES]; QUERIES];
 
-    /// Which form to run: AVX-512 only where detected (the one way to make one).
+    /// Which form to run: a feature only where detected (`detect` is the one way to name one).
     #[derive(Clone, Copy)]
-    pub struct Simd {
-        avx512: bool,
+    pub struct Simd(Form);
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Form {
+        Portable,
+        /// 256-bit vectors: the portable code compiled for AVX2.
+        Avx2,
+        Avx512,
     }
 
     impl Simd {
         pub fn detect() -> Self {
             #[cfg(target_arch = "x86_64")]
-            let avx512 = std::arch::is_x86_feature_detected!("avx512f");
-            #[cfg(not(target_arch = "x86_64"))]
-            let avx512 = false;
-            Self { avx512 }
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    return Self(Form::Avx512);
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    return Self(Form::Avx2);
+                }
+            }
+            Self(Form::Portable)
         }
 
         pub fn avx512(self) -> bool {
-            self.avx512
+            self.0 == Form::Avx512
+        }
+
+        pub fn avx2(self) -> bool {
+            self.0 == Form::Avx2
         }
 
         #[cfg(test)]
-        fn portable() -> Self {
-            Self { avx512: false }
+        pub fn portable() -> Self {
+            Self(Form::Portable)
         }
     }
 
@@ -201,14 +230,15 @@ mod lanes {
         assert!((QUERIES - 1) * w_stride + terms <= w.len());
         assert!((terms - 1) * r_stride + LANES <= rows.len());
         #[cfg(target_arch = "x86_64")]
-        if simd.avx512 {
-            // Safety: `Simd` says AVX-512F only where detected; bounds were checked above.
+        if simd.avx512() {
+            // Safety: `Simd` names AVX-512F only where detected; bounds were checked above.
             return unsafe { avx512(terms, (w, w_stride), (rows, r_stride)) };
         }
-        let _ = simd;
+        // In `forward`'s AVX2 form this inlines and vectorises with it.
         portable(terms, (w, w_stride), (rows, r_stride))
     }
 
+    #[inline(always)]
     fn portable(
         terms: usize,
         (w, w_stride): (&[f32], usize),
@@ -368,5 +398,14 @@ mod tests {
         let rows = &qkv[len * 3 * hidden..(len + 4) * 3 * hidden];
         attention.forward(rows, &[1.0; 4], 4, &mut alone);
         assert_eq!(alone, got[len * hidden..(len + 4) * hidden]);
+        // The form this CPU runs gives the portable form's bits.
+        let mut portable = vec![f32::NAN; got.len()];
+        let input = Input {
+            qkv: &qkv,
+            mask: &mask,
+            len,
+        };
+        attention.forward_portable(input, &mut portable, lanes::Simd::portable());
+        assert_eq!(portable, got);
     }
 }
