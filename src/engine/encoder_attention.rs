@@ -55,10 +55,10 @@ impl SelfAttention {
         self.forward_portable(input, out, simd);
     }
 
-    /// FMA only speeds up `mul_add` (which is fused in every build); plain multiplies and adds
-    /// are never contracted in Rust, so the bits stay the portable form's.
+    /// Rust never contracts a multiply and an add into an FMA, so the bits stay the portable
+    /// form's.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2")]
     unsafe fn forward_avx2(&self, input: Input, out: &mut [f32], simd: lanes::Simd) {
         self.forward_portable(input, out, simd);
     }
