@@ -386,8 +386,7 @@ pub fn gelu_in_place(x: &mut [f32]) {
             unsafe { gelu_avx512(x) };
             return;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if super::avx2_fma() {
             // Safety: as above.
             unsafe { gelu_avx2(x) };
             return;

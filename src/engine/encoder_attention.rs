@@ -193,9 +193,7 @@ mod lanes {
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     return Self(Form::Avx512);
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                if crate::engine::avx2_fma() {
                     return Self(Form::Avx2);
                 }
             }

@@ -17,6 +17,18 @@ use std::path::PathBuf;
 #[repr(C, align(64))]
 pub(crate) struct CacheLine(pub(crate) [u8; 64]);
 
+/// Whether the CPU has AVX2 and FMA: the 256-bit forms of the encoder's kernels need both.
+pub(crate) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The AVX-512 mask of the first `min(n, 16)` lanes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]

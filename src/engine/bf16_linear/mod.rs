@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
 #[cfg(target_arch = "x86_64")]
 use super::first_lanes;
-use super::CacheLine;
+use super::{avx2_fma, CacheLine};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -80,7 +80,7 @@ impl Kernel {
             }
             if native_supported() {
                 Kernel::Avx512
-            } else if avx2_supported() {
+            } else if avx2_fma() {
                 Kernel::Avx2
             } else {
                 Kernel::Portable
@@ -132,19 +132,7 @@ pub fn native_supported() -> bool {
 
 /// Whether this layer beats candle's f32 matmul on this CPU (`Precision::Auto`).
 pub fn fast_on_this_cpu() -> bool {
-    native_supported() || avx2_supported()
-}
-
-/// Whether this CPU can run the AVX2 kernel.
-fn avx2_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    native_supported() || avx2_fma()
 }
 
 /// f32 → bf16 bits, rounding to nearest even (as `vcvtneps2bf16` does); NaN stays NaN.
@@ -588,7 +576,7 @@ mod tests {
     /// which were checked.
     pub(super) fn kernels() -> Vec<Kernel> {
         let mut kernels = vec![Kernel::Portable];
-        if avx2_supported() {
+        if avx2_fma() {
             kernels.push(Kernel::Avx2);
         }
         if native_supported() {

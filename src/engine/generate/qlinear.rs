@@ -55,8 +55,8 @@ enum Format {
 impl Format {
     /// Rows per tile: Q4_1 keeps eight accumulators per row (llama.cpp's lanes), so two rows
     /// fill AVX-512's 32 vector registers and one row AVX2's 16; more would spill them to the
-    /// stack (with two rows on AVX2, 8 sequences decoded at 1.7× one sequence's rate instead
-    /// of 2.4×).
+    /// stack (with two rows on AVX2, 8 sequences decoded at 1.8–1.9× one sequence's rate
+    /// instead of 2.3–3.1× on a Zen 3 core; BENCHMARKS.md).
     const fn tile_rows(self, isa: Isa) -> usize {
         match (self, isa) {
             (Format::Q4_1, Isa::Avx2) => 1,
