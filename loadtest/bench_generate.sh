@@ -38,15 +38,11 @@ wait_for() { # url
 }
 
 # A virtual machine may report AMX, so that a -march=native llama.cpp compiles its AMX kernels,
-# and still trap AMX instructions: llama.cpp then dies with SIGILL on its first prompt. Probe
-# once; if so, both peers run without extra buffer types (no AMX, no weight repacking).
+# and still trap AMX instructions: llama.cpp then dies (SIGILL or SIGSEGV) on its first prompt.
+# Probe once (tests/reference/llama_plain.py); if so, both peers run without extra buffer types
+# (no AMX, no weight repacking).
 llama_extra=()
-if ! "$py" - "$gguf" >/dev/null 2>&1 <<'PY'
-import sys
-from llama_cpp import Llama
-Llama(model_path=sys.argv[1], n_ctx=256, n_threads=2, verbose=False).eval([1, 2, 3])
-PY
-then
+if ! "$py" tests/reference/llama_plain.py "$gguf"; then
   echo "== llama.cpp: AMX is reported but not usable here; peers run without extra buffer types"
   export EMBER_LLAMA_NO_EXTRA_BUFTS=1
   llama_extra=(--no-repack)

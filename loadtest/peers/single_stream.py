@@ -8,7 +8,8 @@ time after the first). Prints a table and one JSON line. Loopback only; every ru
   $PY loadtest/peers/single_stream.py --url http://127.0.0.1:18091 --model SmolLM2-135M-Instruct \
       --gguf models/SmolLM2-135M-Instruct/weights/SmolLM2-135M-Instruct.Q4_1.gguf [--reps 3]
 """
-import argparse, http.client, json, statistics, time
+import argparse, http.client, json, statistics, sys, time
+from pathlib import Path
 from urllib.parse import urlparse
 
 LONG = ("The city council met on Tuesday evening to discuss the proposed expansion of the public "
@@ -88,19 +89,11 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    from llama_cpp import Llama
     import llama_cpp
-    import os
-    if os.environ.get("EMBER_LLAMA_NO_EXTRA_BUFTS") == "1":
-        # bench_generate.sh found AMX reported but trapped (a VM): load without extra buffer
-        # types (no AMX, no repacking), as llama-server's --no-repack does.
-        import llama_cpp.llama as module
-        default = llama_cpp.llama_model_default_params
-        def params():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-        module.llama_cpp.llama_model_default_params = params
+    from llama_cpp import Llama
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "reference"))
+    from llama_plain import plain_cpu_if_needed
+    plain_cpu_if_needed(a.gguf)
     rows = []
     for kind, content in prompts():
         ember_run(a.url, a.model, content, 8)  # warm-up

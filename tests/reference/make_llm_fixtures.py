@@ -64,6 +64,7 @@ import llama_cpp
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_plain import plain_cpu_if_needed
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_GGUF = os.path.join(
@@ -320,6 +321,8 @@ def main() -> int:
     tokens_meta = gguf_field(reader, "tokenizer.ggml.tokens")
     del reader
 
+    # The fixtures record llama.cpp's plain CPU kernels; where its AMX path crashes, say so.
+    plain_cpu_if_needed(args.gguf)
     llm = Llama(
         model_path=args.gguf,
         n_ctx=N_CTX,
