@@ -12,7 +12,9 @@
 //! against a broadcast of the matching four activation quants then accumulates all 16 columns at
 //! once, with no horizontal sums; the AVX2 path reads each register as two halves of 8 columns.
 //! A group's quants for all blocks come first and its f16 scales after them, so a group is one
-//! contiguous, cache-line aligned stream. When several row tiles share a group, the AVX-512 path
+//! contiguous, cache-line aligned stream, and whichever kernel reads a group first asks for the
+//! next group meanwhile (a prefetch into L2, block by block): one sequence's step reads the whole
+//! model and would otherwise wait on memory. When several row tiles share a group, the AVX-512 path
 //! splits its Q4_1 nibbles into bytes once (into an L1-resident scratch) instead of per tile.
 //! Layers that read the same input (q, k and v; gate and up) can be fused into one `QLinear`
 //! (`QLinear::fused`): one activation quantization and one pass of the worker pool for all.
@@ -398,7 +400,7 @@ impl Packed {
         assert!(w.len() >= self.nb * (self.format.qs_bytes() + self.format.scale_bytes()));
         // Unless the group was unpacked, its first tile is what reads it from memory; that tile
         // asks for the next group meanwhile, so the stream of weights overlaps the arithmetic
-        // (one sequence's decode step went from 4.3–5.0 ms to 3.0 ms; BENCHMARKS.md).
+        // (one sequence's decode step went from 5.6 ms to 3.0–3.3 ms; BENCHMARKS.md).
         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
         let first_tile_next = if r0 == 0 { self.next_group(g) } else { &[] };
         match (isa, self.format) {
@@ -672,10 +674,6 @@ mod x86 {
         unsafe { p.cast::<i32>().read_unaligned() }
     }
 
-    /// Splits a Q4_1 group's quants into bytes: for block b, line 8b + j holds the low
-    /// nibbles of its quant bytes 4j..4j + 4 for all 16 columns, line 8b + 4 + j the high ones
-    /// (what `q4_1_vnni` otherwise computes for every row tile).
-    ///
     /// Asks for block `b` of the group `next` (its quant lines and its scale line) to be
     /// brought into L2; nothing when `next` is empty. Issued a block at a time, between a
     /// kernel's own loads, so the requests never queue up behind each other.
@@ -699,6 +697,10 @@ mod x86 {
         }
     }
 
+    /// Splits a Q4_1 group's quants into bytes: for block b, line 8b + j holds the low
+    /// nibbles of its quant bytes 4j..4j + 4 for all 16 columns, line 8b + 4 + j the high ones
+    /// (what `q4_1_vnni` otherwise computes for every row tile).
+    ///
     /// # Safety
     /// The CPU has avx512f and avx512bw; `w` holds `nb` blocks of quants and `out` `8 · nb`
     /// lines. `next` is the next group (or empty): its block b is requested into L2 while block
