@@ -1,9 +1,9 @@
 """llama.cpp's plain CPU path for llama-cpp-python, on machines where its AMX path crashes.
 
 A llama-cpp-python build compiles llama.cpp's AMX kernels when the CPU reports AMX, and loads
-every model into AMX "extra buffer types" by default. The virtual machines this project runs on
-report AMX, yet llama.cpp's AMX path dies there on its first evaluation (SIGILL at `tilezero` in
-some sessions, SIGSEGV in others). Loading with `use_extra_bufts = False` (what `llama-server
+every model into AMX "extra buffer types" by default. Some of the virtual machines this project
+runs on report AMX, yet llama.cpp's AMX path dies there on its first evaluation (SIGILL at
+`tilezero` in some sessions, SIGSEGV in others); elsewhere nothing changes. Loading with `use_extra_bufts = False` (what `llama-server
 --no-repack` does) runs the plain CPU kernels instead, which are also what the fixtures record.
 
     from llama_plain import plain_cpu_if_needed
