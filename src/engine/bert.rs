@@ -377,34 +377,11 @@ impl CustomOp1 for FastGelu {
     }
 }
 
-/// Applies GELU to every element in place, with the widest vectors the CPU has.
-pub fn gelu_in_place(x: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // Safety: the feature this function is compiled for was just detected.
-            unsafe { gelu_avx512(x) };
-            return;
-        }
-        if super::avx2_fma() {
-            // Safety: as above.
-            unsafe { gelu_avx2(x) };
-            return;
-        }
+super::fma_dispatched! {
+    /// Applies GELU to every element in place, with the widest vectors the CPU has.
+    pub fn gelu_in_place(x: &mut [f32]) {
+        gelu_portable(x)
     }
-    gelu_portable(x);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gelu_avx512(x: &mut [f32]) {
-    gelu_portable(x);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(x: &mut [f32]) {
-    gelu_portable(x);
 }
 
 #[inline(always)]

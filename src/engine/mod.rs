@@ -17,7 +17,7 @@ use std::path::PathBuf;
 #[repr(C, align(64))]
 pub(crate) struct CacheLine(pub(crate) [u8; 64]);
 
-/// Whether the CPU has AVX2 and FMA: the 256-bit forms of the encoder's kernels need both.
+/// Whether the CPU has AVX2 and FMA: every 256-bit kernel form here needs both.
 pub(crate) fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -28,6 +28,42 @@ pub(crate) fn avx2_fma() -> bool {
         false
     }
 }
+
+/// Defines `fn $name` to run its body compiled for AVX-512 or AVX2, with hardware fused
+/// multiply-add, where the CPU has them: the loops vectorize at the widest width, and
+/// `f32::mul_add` is one instruction instead of a call into libm (exact but a hundred times
+/// slower). Every path computes the same numbers.
+macro_rules! fma_dispatched {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the features were just detected.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if $crate::engine::avx2_fma() {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+pub(crate) use fma_dispatched;
 
 /// The AVX-512 mask of the first `min(n, 16)` lanes.
 #[cfg(target_arch = "x86_64")]

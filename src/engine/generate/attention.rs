@@ -244,7 +244,7 @@ impl Kernels {
     }
 }
 
-ggml::fma_dispatched! {
+crate::engine::fma_dispatched! {
     /// Work items `range` of `attend` (item = sequence · kv_heads + kv head), compiled for the
     /// CPU's vector width like the rest of `ggml`'s loops.
     #[allow(clippy::too_many_arguments)]

@@ -64,41 +64,6 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + expf(-x))
 }
 
-/// Defines `fn $name` to run its body compiled with hardware fused multiply-add (and
-/// AVX-512 or AVX2, so the loops vectorize) where the CPU has it: elsewhere `f32::mul_add` is a
-/// call into libm, exact but a hundred times slower. Every path computes the same numbers.
-macro_rules! fma_dispatched {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma,avx512f")]
-                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    body($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    body($($arg),*)
-                }
-                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the features were just detected.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: as above.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
-}
-
-pub(super) use fma_dispatched;
-
 /// `ggml_vec_swiglu_f32`: `silu(gate) · up`, element by element, into `out`.
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len());
@@ -111,7 +76,7 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     swiglu_portable(gate, up, out);
 }
 
-fma_dispatched! {
+crate::engine::fma_dispatched! {
     fn swiglu_portable(gate: &[f32], up: &[f32], out: &mut [f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
             *o = silu(g) * u;
@@ -133,7 +98,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-fma_dispatched! {
+crate::engine::fma_dispatched! {
     /// ggml's rotary embedding (`rotate_pairs`), from `[rows, heads, dim]` to
     /// `[heads, rows, dim]`: pairs are adjacent (`neox` false, llama) or half the dimension apart
     /// (`neox`). GCC fuses each `x0 · cos − x1 · sin` into one multiply-add around the second
@@ -182,7 +147,7 @@ pub fn softmax(x: &mut [f32]) {
     softmax_portable(x);
 }
 
-fma_dispatched! {
+crate::engine::fma_dispatched! {
     fn softmax_portable(x: &mut [f32]) {
         let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f64;

@@ -509,7 +509,7 @@ impl Acts {
     }
 }
 
-ggml::fma_dispatched! {
+crate::engine::fma_dispatched! {
     /// Blocks of 32 to i8 quants, their f16 scale `d`, Q8_1's `s = f16(d · Σq)` and Q8_0's
     /// `128 · Σq` (compiled for the CPU's vector width: it runs before every matmul).
     fn quantize_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], bias: &mut [i32]) {
