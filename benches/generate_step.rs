@@ -1,7 +1,8 @@
 //! `cargo bench --bench generate_step`: the GGUF decoder alone on the real SmolLM2-135M-Instruct:
 //! prefill speed for one prompt, and one batched decode step for 1–16 running sequences (each
 //! with a 64-token context), medians of repeated runs. RAYON_NUM_THREADS picks the threads
-//! (default: all cores, as `ember serve` gives a generation-only repository).
+//! (default: all cores, as `ember serve` gives a generation-only repository);
+//! EMBER_BENCH_NUMERICS the model's `numerics` (`llama.cpp`, the default, or `fast`).
 
 use std::time::Instant;
 
@@ -22,7 +23,13 @@ fn main() {
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("models/SmolLM2-135M-Instruct/weights/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(file.is_file(), "run models/fetch.sh first");
-    let g = generate::load(&file, &Device::Cpu).unwrap();
+    let numerics = match std::env::var("EMBER_BENCH_NUMERICS").as_deref() {
+        Ok("fast") => generate::Numerics::Fast,
+        Ok("llama.cpp") | Err(_) => generate::Numerics::LlamaCpp,
+        Ok(other) => panic!("EMBER_BENCH_NUMERICS is llama.cpp or fast, not {other}"),
+    };
+    println!("numerics: {numerics:?}");
+    let g = generate::load(&file, &Device::Cpu, numerics).unwrap();
     let model = &g.model;
     let prompt: Vec<u32> = (0..256).map(|i| 1000 + (i * 37) % 20000).collect();
     let times: Vec<f64> = (0..5)

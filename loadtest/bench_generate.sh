@@ -6,12 +6,15 @@
 #   2. closed-loop streaming at 1, 4, 8 and 16 concurrent streams (total tokens/s, TTFT and time
 #      per output token) with the shared client ../shared/bench/llm_stream_load.py, against Ember
 #      and against llama.cpp's own continuous-batching llama-server (-np 16 -cb).
+# Ember runs once per choice of `numerics` in EMBER_BENCH_NUMERICS (default: "llama.cpp fast",
+# the shipped default and the faster one), the peers once.
 # Installs its peers on first use (llama-cpp-python builds llama.cpp, ~10 min; llama-server
 # another ~5-10 min). Loopback only; every level bounded in time.
 #   loadtest/bench_generate.sh [SECONDS_PER_LEVEL]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs=${1:-20}
+read -ra numerics <<<"${EMBER_BENCH_NUMERICS:-llama.cpp fast}"
 gguf=$PWD/models/SmolLM2-135M-Instruct/weights/SmolLM2-135M-Instruct.Q4_1.gguf
 models/fetch.sh SmolLM2-135M-Instruct
 cargo build --release --locked --bin ember
@@ -24,13 +27,16 @@ trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 # measure computing a prompt (llama-cpp-python is reset before each one), so Ember serves them
 # with its prefix cache off; the streaming load runs as served, prefix cache on (llama-server's
 # prompt cache is on too).
-for repo in repo repo-nocache; do
-  mkdir -p "$out/$repo/SmolLM2-135M-Instruct"
-  sed "s|^path .*|path = \"$gguf\"|" models/SmolLM2-135M-Instruct/model.toml \
-    >"$out/$repo/SmolLM2-135M-Instruct/model.toml"
+for n in "${numerics[@]}"; do
+  for repo in "repo-$n" "repo-nocache-$n"; do
+    mkdir -p "$out/$repo/SmolLM2-135M-Instruct"
+    sed "s|^path .*|path = \"$gguf\"|" models/SmolLM2-135M-Instruct/model.toml \
+      >"$out/$repo/SmolLM2-135M-Instruct/model.toml"
+    # [generate] is the file's last table.
+    echo "numerics = \"$n\"" >>"$out/$repo/SmolLM2-135M-Instruct/model.toml"
+  done
+  echo "prefix_cache_entries = 0" >>"$out/repo-nocache-$n/SmolLM2-135M-Instruct/model.toml"
 done
-# [generate] is the file's last table.
-echo "prefix_cache_entries = 0" >>"$out/repo-nocache/SmolLM2-135M-Instruct/model.toml"
 
 wait_for() { # url
   for _ in $(seq 300); do curl -sf "$1" >/dev/null && return; sleep 0.2; done
@@ -55,12 +61,13 @@ serve() { # repo
   wait_for http://127.0.0.1:18091/health/ready
 }
 
-echo "== single stream: Ember (HTTP, prefix cache off) vs llama.cpp (llama-cpp-python, in-process, 2 threads)"
-serve repo-nocache
-"$py" loadtest/peers/single_stream.py --url http://127.0.0.1:18091 \
-  --model SmolLM2-135M-Instruct --gguf "$gguf" --reps 3 | grep -v '^\['
-kill "$ember"; wait "$ember" 2>/dev/null || true
-serve repo
+for n in "${numerics[@]}"; do
+  echo "== single stream: Ember, numerics = \"$n\" (HTTP, prefix cache off) vs llama.cpp (llama-cpp-python, in-process, 2 threads)"
+  serve "repo-nocache-$n"
+  "$py" loadtest/peers/single_stream.py --url http://127.0.0.1:18091 \
+    --model SmolLM2-135M-Instruct --gguf "$gguf" --reps 3 | grep -v '^\['
+  kill "$ember"; wait "$ember" 2>/dev/null || true
+done
 
 load() { # port label
   python3 ../shared/bench/llm_stream_load.py --port "$1" --model SmolLM2-135M-Instruct \
@@ -77,11 +84,14 @@ for m in res["medians"]:
 PY
 }
 
-echo "== streaming load: Ember"
-load 18091 ember
-curl -s http://127.0.0.1:18091/metrics |
-  grep -E '^ember_(batch_size_items_(sum|count)|prompt_tokens_total|prompt_cached_tokens_total)' || true
-kill "$ember"; wait "$ember" 2>/dev/null || true
+for n in "${numerics[@]}"; do
+  echo "== streaming load: Ember, numerics = \"$n\""
+  serve "repo-$n"
+  load 18091 "ember-$n"
+  curl -s http://127.0.0.1:18091/metrics |
+    grep -E '^ember_(batch_size_items_(sum|count)|prompt_tokens_total|prompt_cached_tokens_total)' || true
+  kill "$ember"; wait "$ember" 2>/dev/null || true
+done
 
 echo "== streaming load: llama-server -np 16 -cb -t 2 -tb 2 -c 8192 ($("$llama_server" --version 2>&1 | head -1))"
 "$llama_server" -m "$gguf" -t 2 -tb 2 -c 8192 -np 16 -cb "${llama_extra[@]}" --host 127.0.0.1 --port 18092 \

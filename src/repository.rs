@@ -90,6 +90,8 @@ pub struct GeneratePolicy {
     /// (a system prompt, earlier chat turns) skips computing that part (0 = off). They count
     /// against `max_total_tokens` and are dropped, oldest first, when admission needs the room.
     pub prefix_cache_entries: usize,
+    /// How Q4_1 weight blocks are summed on CPU (see [`Numerics`]).
+    pub numerics: Numerics,
 }
 
 impl Default for GeneratePolicy {
@@ -102,8 +104,28 @@ impl Default for GeneratePolicy {
             default_max_tokens: 256,
             context_length: 0,
             prefix_cache_entries: 8,
+            numerics: Numerics::default(),
         }
     }
+}
+
+/// Arithmetic of a decoder's quantized matmuls on CPU. Both are deterministic and
+/// batch-invariant (a sequence decodes the same alone or among others); they differ in whether
+/// the results are llama.cpp's to the bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum Numerics {
+    /// llama.cpp's own float sequence (`ggml_vec_dot_q4_1_q8_1`: eight f32 lanes per output),
+    /// so hidden states, logits and greedy tokens equal llama.cpp's for the same GGUF, near ties
+    /// included.
+    #[default]
+    #[serde(rename = "llama.cpp")]
+    LlamaCpp,
+    /// One integer sum per Q4_1 block and one f32 chain per output: about half the arithmetic
+    /// per weight, which is what bounds several sequences' decode step. Logits differ from
+    /// llama.cpp's by float rounding, so where its top two tokens nearly tie, greedy may pick
+    /// the other. Q8_0 weights are summed the same way in both.
+    #[serde(rename = "fast")]
+    Fast,
 }
 
 /// Pooling of token states into one sentence vector.
@@ -448,6 +470,14 @@ mod tests {
         assert!(err.contains("[batching]"), "{err}");
         let err = parse(&format!("{gen}[generate]\nprefill_chunk = 0\n")).unwrap_err();
         assert!(err.contains("generate.prefill_chunk"), "{err}");
+        assert_eq!(spec.generate.numerics, Numerics::LlamaCpp);
+        let spec = parse(&format!("{gen}[generate]\nnumerics = \"fast\"\n")).unwrap();
+        assert_eq!(spec.generate.numerics, Numerics::Fast);
+        let err = parse(&format!("{gen}[generate]\nnumerics = \"exact\"\n")).unwrap_err();
+        assert!(
+            err.contains("numerics") && err.contains("llama.cpp"),
+            "{err}"
+        );
         let err = parse("task = \"generate\"\nformat = \"onnx\"\npath = \"m\"\n").unwrap_err();
         assert!(err.contains("gguf"), "{err}");
     }

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::Device;
 use common::*;
-use ember::engine::generate::{self, sampler::argmax, ChatMessage, Chunk, Generator};
+use ember::engine::generate::{self, sampler::argmax, ChatMessage, Chunk, Generator, Numerics};
 use serde_json::Value;
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -47,7 +47,7 @@ fn greedy(g: &Generator, prompt: &[u32], n: usize) -> Vec<u32> {
 
 #[test]
 fn tokenisation_equals_llama_cpp() {
-    let g = generate::load(&smollm_gguf(), &Device::Cpu).unwrap();
+    let g = generate::load(&smollm_gguf(), &Device::Cpu, Numerics::LlamaCpp).unwrap();
     let cases = fixture("smollm2_tokens.json");
     let cases = cases["cases"].as_array().unwrap();
     assert!(cases.len() >= 10);
@@ -70,7 +70,7 @@ fn tokenisation_equals_llama_cpp() {
 fn tokenisation_round_trips_any_text() {
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
-    let g = generate::load(&smollm_gguf(), &Device::Cpu).unwrap();
+    let g = generate::load(&smollm_gguf(), &Device::Cpu, Numerics::LlamaCpp).unwrap();
     assert_eq!(g.tokenizer.encode("\u{40000}").unwrap(), [218, 218, 218]);
     let mut runner = TestRunner::new(Config::with_cases(256));
     let text = prop_oneof![
@@ -92,17 +92,23 @@ fn tokenisation_round_trips_any_text() {
         .unwrap();
 }
 
+/// How our argmax compared with llama.cpp's token, teacher-forced on its greedy path.
+#[derive(Default)]
+struct Agreement {
+    decisive: usize,
+    near_ties: usize,
+    agreed_near_ties: usize,
+    /// Decisive steps where we picked another token.
+    disagreements: Vec<String>,
+}
+
 /// Teacher-forced on llama.cpp's greedy path (so one difference does not end the comparison),
-/// our argmax must equal llama.cpp's token at every step of every chat and completion case,
-/// near ties included (the smallest top-2 gaps in the fixture are under 0.003); templates and
-/// prompt tokens must match exactly.
-#[test]
-fn greedy_steps_equal_llama_cpp_at_every_step() {
-    let g = generate::load(&smollm_gguf(), &Device::Cpu).unwrap();
+/// every step of every chat and completion case; templates and prompt tokens must match exactly.
+fn teacher_forced(numerics: Numerics) -> Agreement {
+    let g = generate::load(&smollm_gguf(), &Device::Cpu, numerics).unwrap();
     let f = fixture("smollm2_greedy.json");
     let template = g.template.as_ref().unwrap();
-    let (mut decisive, mut agreed_near_ties, mut near_ties) = (0, 0, 0);
-    let mut disagreements = Vec::new();
+    let mut seen = Agreement::default();
     let chats = f["chat"].as_array().unwrap();
     let completions = f["completion"].as_array().unwrap();
     assert!(
@@ -143,15 +149,15 @@ fn greedy_steps_equal_llama_cpp_at_every_step() {
         for (step, (&token, &margin)) in want.iter().zip(&margins).enumerate() {
             let ours = argmax(&logits[0]);
             if margin >= DECISIVE_MARGIN {
-                decisive += 1;
+                seen.decisive += 1;
                 if ours != token {
-                    disagreements.push(format!(
+                    seen.disagreements.push(format!(
                         "{prompt:?} step {step}: {ours} vs {token} (margin {margin})"
                     ));
                 }
             } else {
-                near_ties += 1;
-                agreed_near_ties += usize::from(ours == token);
+                seen.near_ties += 1;
+                seen.agreed_near_ties += usize::from(ours == token);
             }
             logits = g
                 .model
@@ -163,33 +169,73 @@ fn greedy_steps_equal_llama_cpp_at_every_step() {
                 .unwrap();
         }
     }
-    eprintln!("{decisive} decisive steps; near ties: {agreed_near_ties} of {near_ties} agreed");
-    assert!(
-        decisive >= 300,
-        "too few decisive steps to mean much: {decisive}"
+    eprintln!(
+        "{numerics:?}: {} decisive steps; near ties: {} of {} agreed",
+        seen.decisive, seen.agreed_near_ties, seen.near_ties
     );
-    assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+    assert!(
+        seen.decisive >= 300,
+        "too few decisive steps to mean much: {}",
+        seen.decisive
+    );
+    assert!(
+        seen.disagreements.is_empty(),
+        "{numerics:?}: {}",
+        seen.disagreements.join("\n")
+    );
+    seen
+}
+
+/// llama.cpp's numerics: our argmax equals llama.cpp's token at every step, near ties included
+/// (the smallest top-2 gaps in the fixture are under 0.003).
+#[test]
+fn greedy_steps_equal_llama_cpp_at_every_step() {
+    let seen = teacher_forced(Numerics::LlamaCpp);
     assert_eq!(
-        agreed_near_ties, near_ties,
+        seen.agreed_near_ties, seen.near_ties,
         "near ties where llama.cpp went the other way"
     );
     assert!(
-        near_ties > 0,
+        seen.near_ties > 0,
         "the fixture has no near tie to tell numerics apart"
     );
 }
 
+/// Fast numerics round differently from llama.cpp, so only its decisive steps bind, and there
+/// every argmax must be llama.cpp's (`teacher_forced` asserts it).
+#[test]
+fn fast_numerics_agree_with_llama_cpp_at_every_decisive_step() {
+    teacher_forced(Numerics::Fast);
+}
+
 /// Free-running greedy generation (our own tokens fed back) equals llama.cpp's for every chat
-/// case, all 24 tokens (or up to EOS).
+/// case, all 24 tokens (or up to EOS); with fast numerics, up to llama.cpp's first near tie
+/// (after it, either token was a correct greedy step and the paths may part).
 #[test]
 fn free_running_greedy_equals_llama_cpp() {
-    let g = generate::load(&smollm_gguf(), &Device::Cpu).unwrap();
     let f = fixture("smollm2_greedy.json");
     let chats = f["chat"].as_array().unwrap();
     assert!(chats.len() >= 10);
-    for case in chats {
-        let want = ids(&case["greedy_ids"]);
-        let got = greedy(&g, &ids(&case["prompt_ids"]), want.len());
-        assert_eq!(got, want, "{}", case["prompt"]);
+    for numerics in [Numerics::LlamaCpp, Numerics::Fast] {
+        let g = generate::load(&smollm_gguf(), &Device::Cpu, numerics).unwrap();
+        let mut compared = 0;
+        for case in chats {
+            let mut want = ids(&case["greedy_ids"]);
+            if numerics == Numerics::Fast {
+                let decisive = margins(case)
+                    .iter()
+                    .take_while(|&&m| m >= DECISIVE_MARGIN)
+                    .count();
+                want.truncate(decisive);
+            }
+            let got = greedy(&g, &ids(&case["prompt_ids"]), want.len());
+            assert_eq!(got, want, "{numerics:?}: {}", case["prompt"]);
+            compared += want.len();
+        }
+        eprintln!("{numerics:?}: {compared} tokens equal llama.cpp's");
+        assert!(
+            compared >= 30,
+            "{numerics:?}: only {compared} tokens compared"
+        );
     }
 }

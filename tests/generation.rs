@@ -167,7 +167,30 @@ async fn streaming_sends_role_deltas_finish_usage_and_done() {
 
 #[tokio::test]
 async fn eight_concurrent_streams_equal_their_solo_runs_and_share_steps() {
-    let server = server("max_concurrent_sequences = 8").await;
+    eight_streams_equal_solo_runs(&server("max_concurrent_sequences = 8").await).await;
+}
+
+/// `numerics = "fast"` (other kernels, up to eight rows per tile) keeps batching from changing
+/// results too, and still gives llama.cpp's greedy text where llama.cpp never nearly tied.
+#[tokio::test]
+async fn fast_numerics_are_batch_invariant_and_give_llama_cpp_decisive_text() {
+    let server = server("max_concurrent_sequences = 8\nnumerics = \"fast\"").await;
+    let case = decisive_completion();
+    let (status, body) = server
+        .post(
+            "/v1/completions",
+            json!({"model": SMOLLM, "prompt": case["prompt"], "max_tokens": 24,
+                   "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["text"], case["greedy_text"]);
+    eight_streams_equal_solo_runs(&server).await;
+}
+
+/// Eight chats alone, then the same eight as concurrent streams: the same greedy texts, and
+/// the decode steps were shared.
+async fn eight_streams_equal_solo_runs(server: &Server) {
     let prompts: Vec<String> = (0..8)
         .map(|i| format!("Write a short sentence about the number {i}."))
         .collect();
@@ -196,7 +219,6 @@ async fn eight_concurrent_streams_equal_their_solo_runs_and_share_steps() {
     let together = futures::future::join_all(prompts.iter().map(|p| {
         let mut body = chat(p, 24);
         body["stream"] = json!(true);
-        let server = &server;
         async move { streamed_chat_text(&stream(server, "/v1/chat/completions", body).await).0 }
     }))
     .await;

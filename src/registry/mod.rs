@@ -186,7 +186,8 @@ pub async fn load(
         Task::Generate => {
             let generate_metrics = metrics.generate(&spec.name);
             let (generator, spec) = off_runtime(move || {
-                crate::engine::generate::load(&spec.path, &device).map(|g| (g, spec))
+                crate::engine::generate::load(&spec.path, &device, spec.generate.numerics)
+                    .map(|g| (g, spec))
             })
             .await?;
             LoadedModel::Generate(Arc::new(GenerationModel::start(
@@ -240,10 +241,11 @@ pub async fn load(
             &m.spec().name,
             m.info().parameters,
             format!(
-                "{} {}, context {}",
+                "{} {}, context {}, numerics {:?}",
                 m.info().architecture,
                 m.info().quantization,
-                m.context_length()
+                m.context_length(),
+                m.spec().generate.numerics
             ),
         ),
         #[cfg(feature = "onnx")]

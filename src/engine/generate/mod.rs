@@ -18,6 +18,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
 use super::EngineError;
+pub use crate::repository::Numerics;
 pub use gguf::LlamaConfig;
 pub use model::{Chunk, KvCache, Llama};
 pub use sampler::{Sampler, SamplingParams};
@@ -62,7 +63,7 @@ fn gguf_file_in(path: &Path) -> Result<PathBuf, EngineError> {
     }
 }
 
-pub fn load(path: &Path, device: &Device) -> Result<Generator, EngineError> {
+pub fn load(path: &Path, device: &Device, numerics: Numerics) -> Result<Generator, EngineError> {
     let file_path = gguf_file_in(path)?;
     let fail = |e: &dyn std::fmt::Display| EngineError::file(&file_path, e);
     let mut file = std::fs::File::open(&file_path).map_err(|e| fail(&e))?;
@@ -94,7 +95,8 @@ pub fn load(path: &Path, device: &Device) -> Result<Generator, EngineError> {
         .collect();
     kinds.sort();
     kinds.dedup();
-    let model = Llama::load(&content, &mut file, config.clone(), device).map_err(|e| fail(&e))?;
+    let model =
+        Llama::load(&content, &mut file, config.clone(), device, numerics).map_err(|e| fail(&e))?;
     let info = GenerateInfo {
         architecture: config.architecture.clone(),
         context_length: config.context_length,

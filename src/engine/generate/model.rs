@@ -14,6 +14,7 @@ use super::attention::{self, CpuKv};
 use super::ggml;
 use super::gguf::LlamaConfig;
 use super::qlinear::QLinear;
+use super::Numerics;
 
 struct Layer {
     attn_norm: Norm,
@@ -47,8 +48,8 @@ enum Projections {
 }
 
 impl Projections {
-    fn new(parts: Vec<QTensor>) -> candle_core::Result<Self> {
-        if let Some(linear) = QLinear::fused(&parts)? {
+    fn new(parts: Vec<QTensor>, numerics: Numerics) -> candle_core::Result<Self> {
+        if let Some(linear) = QLinear::fused(&parts, numerics)? {
             let widths = parts
                 .iter()
                 .map(|t| t.shape().dims2().map(|d| d.0))
@@ -58,7 +59,7 @@ impl Projections {
         Ok(Self::Separate(
             parts
                 .into_iter()
-                .map(QLinear::new)
+                .map(|t| QLinear::new(t, numerics))
                 .collect::<candle_core::Result<_>>()?,
         ))
     }
@@ -152,6 +153,7 @@ impl Llama {
         reader: &mut R,
         config: LlamaConfig,
         device: &Device,
+        numerics: Numerics,
     ) -> candle_core::Result<Self> {
         if config.rope_dim != config.head_dim {
             candle_core::bail!(
@@ -173,15 +175,15 @@ impl Llama {
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let mut q = |n: &str| tensor(&format!("blk.{i}.{n}.weight"));
-            let qkv = Projections::new(vec![q("attn_q")?, q("attn_k")?, q("attn_v")?])?;
-            let gate_up = Projections::new(vec![q("ffn_gate")?, q("ffn_up")?])?;
+            let qkv = Projections::new(vec![q("attn_q")?, q("attn_k")?, q("attn_v")?], numerics)?;
+            let gate_up = Projections::new(vec![q("ffn_gate")?, q("ffn_up")?], numerics)?;
             layers.push(Layer {
                 attn_norm: Norm::new(q("attn_norm")?.dequantize(device)?)?,
                 qkv,
-                o: QLinear::new(q("attn_output")?)?,
+                o: QLinear::new(q("attn_output")?, numerics)?,
                 ffn_norm: Norm::new(q("ffn_norm")?.dequantize(device)?)?,
                 gate_up,
-                down: QLinear::new(q("ffn_down")?)?,
+                down: QLinear::new(q("ffn_down")?, numerics)?,
             });
         }
         let (cos_host, sin_host) = rope_tables(&config);
@@ -190,7 +192,7 @@ impl Llama {
             embeddings,
             layers,
             norm,
-            output: QLinear::new(output)?,
+            output: QLinear::new(output, numerics)?,
             cos: Tensor::from_slice(&cos_host, shape, device)?,
             sin: Tensor::from_slice(&sin_host, shape, device)?,
             cos_host,

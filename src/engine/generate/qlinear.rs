@@ -27,6 +27,13 @@
 //! then picks llama.cpp's token even at a near tie). Q8_0 adds `sumi · d_w · d_x` block by block.
 //! Every path does the same, so an element's value does not depend on the instruction set, the
 //! row tile or thread it falls in, or how many rows share the call.
+//!
+//! `Numerics::Fast` gives up llama.cpp's lanes for Q4_1: a block's 32 products become one
+//! integer sum (exact), then `acc = fma(d_w · d_x, sumi, acc)` and `acc = fma(m_w, s_x, acc)`,
+//! one f32 chain per output. That is a third of the float work per weight, and it frees the
+//! registers for eight rows per tile, so the nibbles are split once per block for all of them
+//! and there is no separate unpack. The same rules hold: exact integer sums, one fixed float
+//! sequence, the same on every path and for any batch.
 
 use std::ops::Range;
 
@@ -34,16 +41,15 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use half::f16;
 
-use super::ggml;
+use super::{ggml, Numerics};
 use crate::engine::CacheLine;
 
 /// Quants per block, in both formats.
 const QK: usize = 32;
 /// Output columns per packed group: one 512-bit register of f32 or i32 lanes.
 const LANES: usize = 16;
-/// Activation rows that share one pass over a group's weights. Four keeps the AVX-512 kernels'
-/// accumulators and the expanded weights in registers.
-const TILE_ROWS: usize = 4;
+/// The most activation rows that share one pass over a group's weights (`Packed::tile_rows`).
+const MAX_TILE_ROWS: usize = 8;
 /// Multiply-accumulates below which a call stays on the calling thread (the pool's hand-off is
 /// not free either).
 const PARALLEL_MIN_WORK: usize = 1 << 16;
@@ -55,18 +61,6 @@ enum Format {
 }
 
 impl Format {
-    /// Rows per tile: Q4_1 keeps eight accumulators per row (llama.cpp's lanes), so two rows
-    /// fill AVX-512's 32 vector registers and one row AVX2's 16; more would spill them to the
-    /// stack (with two rows on AVX2, 8 sequences decoded at 1.8–1.9× one sequence's rate
-    /// instead of 2.3–3.1× on a Zen 3 core; BENCHMARKS.md).
-    const fn tile_rows(self, isa: Isa) -> usize {
-        match (self, isa) {
-            (Format::Q4_1, Isa::Avx2) => 1,
-            (Format::Q4_1, _) => 2,
-            (Format::Q8_0, _) => TILE_ROWS,
-        }
-    }
-
     /// Quant bytes of one block of a group: 16 columns × 16 bytes of nibble pairs, or × 32 i8.
     const fn qs_bytes(self) -> usize {
         match self {
@@ -144,7 +138,7 @@ enum Inner {
 
 impl QLinear {
     /// From a GGUF tensor of shape `[out, in]`, as candle's gguf reader returns it.
-    pub fn new(t: QTensor) -> Result<Self> {
+    pub fn new(t: QTensor, numerics: Numerics) -> Result<Self> {
         let format = match t.dtype() {
             GgmlDType::Q4_1 => Some(Format::Q4_1),
             GgmlDType::Q8_0 => Some(Format::Q8_0),
@@ -153,7 +147,7 @@ impl QLinear {
         if let (Some(format), true, Ok((out, k))) = (format, t.device().is_cpu(), t.shape().dims2())
         {
             if out > 0 && k > 0 && k % QK == 0 {
-                let packed = Packed::new(format, &t.data()?, out, k)?;
+                let packed = Packed::new(format, numerics, &t.data()?, out, k)?;
                 return Ok(Self {
                     inner: Inner::Packed(packed),
                 });
@@ -169,7 +163,7 @@ impl QLinear {
     /// computes them all. Every output column is computed as it would be alone, so the parts'
     /// values are unchanged. `None` where the kernels here do not cover the parts (another
     /// format, another device, or parts that differ in format or `in`).
-    pub fn fused(parts: &[QTensor]) -> Result<Option<Self>> {
+    pub fn fused(parts: &[QTensor], numerics: Numerics) -> Result<Option<Self>> {
         let Some(first) = parts.first() else {
             return Ok(None);
         };
@@ -189,7 +183,7 @@ impl QLinear {
             raw.extend_from_slice(&t.data()?);
         }
         Ok(Some(Self {
-            inner: Inner::Packed(Packed::new(format, &raw, out, k)?),
+            inner: Inner::Packed(Packed::new(format, numerics, &raw, out, k)?),
         }))
     }
 
@@ -254,6 +248,7 @@ impl QLinear {
 /// The weights regrouped for the kernels (see the module docs for the layout).
 struct Packed {
     format: Format,
+    numerics: Numerics,
     out: usize,
     /// Blocks per row: `in / 32`.
     nb: usize,
@@ -266,7 +261,7 @@ struct Packed {
 }
 
 impl Packed {
-    fn new(format: Format, raw: &[u8], out: usize, k: usize) -> Result<Self> {
+    fn new(format: Format, numerics: Numerics, raw: &[u8], out: usize, k: usize) -> Result<Self> {
         let nb = k / QK;
         let src_block = format.ggml_block_bytes();
         if raw.len() != out * nb * src_block {
@@ -305,6 +300,7 @@ impl Packed {
         }
         Ok(Self {
             format,
+            numerics,
             out,
             nb,
             groups,
@@ -312,6 +308,22 @@ impl Packed {
             bytes,
             start,
         })
+    }
+
+    /// Rows per tile. Q4_1 with llama.cpp's lanes keeps eight accumulators per row, so two rows
+    /// fill AVX-512's 32 vector registers and one row AVX2's 16; more would spill them to the
+    /// stack (with two rows on AVX2, 8 sequences decoded at 1.8–1.9× one sequence's rate
+    /// instead of 2.3–3.1× on a Zen 3 core; BENCHMARKS.md). One accumulator per row leaves
+    /// room for eight rows beside a block's eight expanded weight registers on AVX-512, and for
+    /// four beside AVX2's two.
+    fn tile_rows(&self, isa: Isa) -> usize {
+        match (self.format, self.numerics, isa) {
+            (Format::Q4_1, Numerics::LlamaCpp, Isa::Avx2) => 1,
+            (Format::Q4_1, Numerics::LlamaCpp, _) => 2,
+            (Format::Q4_1, Numerics::Fast, Isa::Avx2) => 4,
+            (Format::Q4_1, Numerics::Fast, _) => MAX_TILE_ROWS,
+            (Format::Q8_0, _, _) => 4,
+        }
     }
 
     fn group(&self, g: usize) -> &[u8] {
@@ -336,11 +348,14 @@ impl Packed {
         let acts = Acts::new(self.format, isa, x, rows, k);
         let dst = DstPtr(dst.as_mut_ptr());
         // Q4_1 on AVX-512 with several row tiles per group: the nibbles are split into bytes
-        // once per group, not once per tile (a quarter of the kernel's vector work).
+        // once per group, not once per tile (a quarter of the kernel's vector work). The fast
+        // kernel's tiles are four times taller, so it rarely has more than one.
+        let tile_rows = self.tile_rows(isa);
         let unpack = cfg!(target_arch = "x86_64")
             && isa == Isa::Avx512Vnni
             && self.format == Format::Q4_1
-            && rows > self.format.tile_rows(isa);
+            && self.numerics == Numerics::LlamaCpp
+            && rows > tile_rows;
         // Groups outermost: a group's weights come from memory once and stay in L1 for every row
         // tile after the first.
         let run = |groups: Range<usize>| {
@@ -357,15 +372,22 @@ impl Packed {
                 }
                 let mut r0 = 0;
                 while r0 < rows {
-                    let n = (rows - r0).min(self.format.tile_rows(isa));
+                    let n = (rows - r0).min(tile_rows);
                     let nib = &nibbles;
                     match n {
                         1 => self.store(g, r0, &self.tile::<1>(isa, g, &acts, r0, nib), dst),
                         2 => self.store(g, r0, &self.tile::<2>(isa, g, &acts, r0, nib), dst),
                         3 => self.store(g, r0, &self.tile::<3>(isa, g, &acts, r0, nib), dst),
-                        _ => {
-                            self.store(g, r0, &self.tile::<TILE_ROWS>(isa, g, &acts, r0, nib), dst)
-                        }
+                        4 => self.store(g, r0, &self.tile::<4>(isa, g, &acts, r0, nib), dst),
+                        5 => self.store(g, r0, &self.tile::<5>(isa, g, &acts, r0, nib), dst),
+                        6 => self.store(g, r0, &self.tile::<6>(isa, g, &acts, r0, nib), dst),
+                        7 => self.store(g, r0, &self.tile::<7>(isa, g, &acts, r0, nib), dst),
+                        _ => self.store(
+                            g,
+                            r0,
+                            &self.tile::<MAX_TILE_ROWS>(isa, g, &acts, r0, nib),
+                            dst,
+                        ),
                     }
                     r0 += n;
                 }
@@ -403,9 +425,14 @@ impl Packed {
         // (one sequence's decode step went from 5.6 ms to 3.0–3.3 ms; BENCHMARKS.md).
         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
         let first_tile_next = if r0 == 0 { self.next_group(g) } else { &[] };
-        match (isa, self.format) {
+        match (isa, self.format, self.numerics) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512Vnni, Format::Q4_1) => {
+            (Isa::Avx512Vnni, Format::Q4_1, Numerics::Fast) => {
+                // SAFETY: as below.
+                unsafe { x86::q4_1_vnni_fast::<R>(w, acts, r0, first_tile_next) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, Format::Q4_1, Numerics::LlamaCpp) => {
                 // SAFETY: `Isa::Avx512Vnni` is only chosen when the CPU has avx512f, avx512bw and
                 // avx512vnni (`Isa::detect`); bounds are asserted above.
                 unsafe {
@@ -417,22 +444,27 @@ impl Packed {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512Vnni, Format::Q8_0) => {
+            (Isa::Avx512Vnni, Format::Q8_0, _) => {
                 // SAFETY: as above.
                 unsafe { x86::q8_0_vnni::<R>(w, acts, r0, first_tile_next) }
             }
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, Format::Q4_1) => {
-                // SAFETY: `Isa::Avx2` is only chosen when the CPU has avx2 and f16c (every
-                // AVX-512 CPU has both too); bounds are asserted above.
+            (Isa::Avx2, Format::Q4_1, Numerics::LlamaCpp) => {
+                // SAFETY: `Isa::Avx2` is only chosen when the CPU has avx2, f16c and fma (every
+                // AVX-512 CPU has them too); bounds are asserted above.
                 unsafe { x86::q4_1_avx2::<R>(w, acts, r0, first_tile_next) }
             }
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, Format::Q8_0) => {
+            (Isa::Avx2, Format::Q4_1, Numerics::Fast) => {
+                // SAFETY: as above.
+                unsafe { x86::q4_1_avx2_fast::<R>(w, acts, r0, first_tile_next) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, Format::Q8_0, _) => {
                 // SAFETY: as above.
                 unsafe { x86::q8_0_avx2::<R>(w, acts, r0, first_tile_next) }
             }
-            (_, format) => tile_scalar::<R>(format, w, acts, r0),
+            (_, format, numerics) => tile_scalar::<R>(format, numerics, w, acts, r0),
         }
     }
 
@@ -550,6 +582,7 @@ fn f16_at(bytes: &[u8], i: usize) -> f32 {
 /// The portable path, and the reference that the tests hold the SIMD kernels to.
 fn tile_scalar<const R: usize>(
     format: Format,
+    numerics: Numerics,
     w: &[u8],
     acts: &Acts,
     r0: usize,
@@ -561,7 +594,7 @@ fn tile_scalar<const R: usize>(
     for (r, out) in out.iter_mut().enumerate() {
         let row = r0 + r;
         for (lane, out) in out.iter_mut().enumerate() {
-            // Q4_1: llama.cpp's eight lanes (`ggml_vec_dot_q4_1_q8_1`); Q8_0: one sum.
+            // Q4_1 as llama.cpp: eight lanes (`ggml_vec_dot_q4_1_q8_1`); otherwise one chain.
             let mut lanes = [0f32; 8];
             let (mut summs, mut acc) = (0f32, 0f32);
             for b in 0..nb {
@@ -570,8 +603,18 @@ fn tile_scalar<const R: usize>(
                 let sc = &scales[b * scale_bytes..][..scale_bytes];
                 let (dx, dw) = (acts.d[row * nb + b], f16_at(sc, 2 * lane));
                 // Quant t of column `lane` in 4-byte chunk j is at q[j * 64 + lane * 4 + t].
-                match format {
-                    Format::Q4_1 => {
+                match (format, numerics) {
+                    (Format::Q4_1, Numerics::Fast) => {
+                        let mut sumi = 0i32;
+                        for i in 0..QK / 2 {
+                            let v = q[(i / 4) * 4 * LANES + lane * 4 + i % 4] as i32;
+                            sumi += (v & 0x0F) * x[i] as i32 + (v >> 4) * x[i + QK / 2] as i32;
+                        }
+                        acc = (dw * dx).mul_add(sumi as f32, acc);
+                        let mw = f16_at(sc, 2 * LANES + 2 * lane);
+                        acc = mw.mul_add(acts.s[row * nb + b], acc);
+                    }
+                    (Format::Q4_1, Numerics::LlamaCpp) => {
                         // A nibble byte holds element i (low) and element i + 16 (high); lane
                         // l < 4 sums elements 4l..4l + 4, lane 4 + l elements 16 + 4l.. .
                         let mut sumi = [0i32; 8];
@@ -587,7 +630,7 @@ fn tile_scalar<const R: usize>(
                         let mw = f16_at(sc, 2 * LANES + 2 * lane);
                         summs = mw.mul_add(acts.s[row * nb + b], summs);
                     }
-                    Format::Q8_0 => {
+                    (Format::Q8_0, _) => {
                         let mut sumi = 0i32;
                         for (i, &x) in x.iter().enumerate() {
                             let v = q[(i / 4) * 4 * LANES + lane * 4 + i % 4] as i8;
@@ -597,7 +640,7 @@ fn tile_scalar<const R: usize>(
                     }
                 }
             }
-            if format == Format::Q4_1 {
+            if (format, numerics) == (Format::Q4_1, Numerics::LlamaCpp) {
                 acc = ggml::reduce8(&lanes) + summs;
             }
             *out = acc;
@@ -796,6 +839,62 @@ mod x86 {
         }
     }
 
+    /// `q4_1_vnni` with `Numerics::Fast`: a block's eight chunk products go into one integer
+    /// sum per row (two chains of four, for the instruction's latency), and each row keeps one
+    /// f32 accumulator, so up to eight rows share a block's nibbles, split in registers.
+    ///
+    /// # Safety
+    /// See the module docs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn q4_1_vnni_fast<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        r0: usize,
+        next: &[u8],
+    ) -> [[f32; LANES]; R] {
+        let nb = acts.nb;
+        let qs = w.as_ptr();
+        // SAFETY (every raw read below): as in `q4_1_vnni`.
+        unsafe {
+            let scales = qs.add(nb * Format::Q4_1.qs_bytes());
+            let xq: [*const i8; R] =
+                std::array::from_fn(|r| acts.qs.as_ptr().add((r0 + r) * nb * QK));
+            let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((r0 + r) * nb));
+            let xs: [*const f32; R] = std::array::from_fn(|r| acts.s.as_ptr().add((r0 + r) * nb));
+            let nibble = _mm512_set1_epi8(0x0F);
+            let zero = _mm512_setzero_si512();
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..nb {
+                prefetch_block(next, Format::Q4_1, nb, b);
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * 64).cast()));
+                let mw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * 64 + 32).cast()));
+                let p: [__m512i; 4] =
+                    std::array::from_fn(|j| _mm512_loadu_si512(qs.add(b * 256 + j * 64).cast()));
+                let lo = p.map(|p| _mm512_and_si512(p, nibble));
+                let hi = p.map(|p| _mm512_and_si512(_mm512_srli_epi16::<4>(p), nibble));
+                for r in 0..R {
+                    let x = xq[r].add(b * QK);
+                    let (mut sl, mut sh) = (zero, zero);
+                    for j in 0..4 {
+                        let xl = _mm512_set1_epi32(bcast4(x.add(4 * j)));
+                        let xh = _mm512_set1_epi32(bcast4(x.add(QK / 2 + 4 * j)));
+                        sl = _mm512_dpbusd_epi32(sl, lo[j], xl);
+                        sh = _mm512_dpbusd_epi32(sh, hi[j], xh);
+                    }
+                    let sumi = _mm512_cvtepi32_ps(_mm512_add_epi32(sl, sh));
+                    let d = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b)));
+                    acc[r] = _mm512_fmadd_ps(d, sumi, acc[r]);
+                    acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*xs[r].add(b)), acc[r]);
+                }
+            }
+            let mut out = [[0f32; LANES]; R];
+            for r in 0..R {
+                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+            out
+        }
+    }
+
     /// # Safety
     /// See the module docs.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -921,6 +1020,71 @@ mod x86 {
         }
     }
 
+    /// `q4_1_avx2` with `Numerics::Fast`: per row one integer sum per block and one f32
+    /// accumulator, so four rows share each split of the nibbles.
+    ///
+    /// # Safety
+    /// See the module docs.
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub(super) unsafe fn q4_1_avx2_fast<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        r0: usize,
+        next: &[u8],
+    ) -> [[f32; LANES]; R] {
+        let nb = acts.nb;
+        let qs = w.as_ptr();
+        // SAFETY (every raw read below): as in `q4_1_avx2`.
+        unsafe {
+            let scales = qs.add(nb * Format::Q4_1.qs_bytes());
+            let xq: [*const i8; R] =
+                std::array::from_fn(|r| acts.qs.as_ptr().add((r0 + r) * nb * QK));
+            let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((r0 + r) * nb));
+            let xs: [*const f32; R] = std::array::from_fn(|r| acts.s.as_ptr().add((r0 + r) * nb));
+            let nibble = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let mut out = [[0f32; LANES]; R];
+            for half in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); R];
+                let next = if half == 0 { next } else { &[] };
+                for b in 0..nb {
+                    prefetch_block(next, Format::Q4_1, nb, b);
+                    // A block's eight pair sums per i16 lane stay exact: 8 · 2 · 15 · 128 is
+                    // 30720, inside i16, so they are added as i16 and widened once.
+                    let mut pairs = [_mm256_setzero_si256(); R];
+                    for j in 0..4 {
+                        let p = _mm256_loadu_si256(qs.add(b * 256 + j * 64 + half * 32).cast());
+                        let lo = _mm256_and_si256(p, nibble);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(p), nibble);
+                        for r in 0..R {
+                            let x = xq[r].add(b * QK + 4 * j);
+                            let xl = _mm256_set1_epi32(bcast4(x));
+                            let xh = _mm256_set1_epi32(bcast4(x.add(QK / 2)));
+                            let both = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, xl),
+                                _mm256_maddubs_epi16(hi, xh),
+                            );
+                            pairs[r] = _mm256_add_epi16(pairs[r], both);
+                        }
+                    }
+                    let sc = scales.add(b * 64 + half * 16);
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(sc.cast()));
+                    let mw = _mm256_cvtph_ps(_mm_loadu_si128(sc.add(32).cast()));
+                    for r in 0..R {
+                        let sumi = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r], ones));
+                        let d = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[r].add(b)));
+                        acc[r] = _mm256_fmadd_ps(d, sumi, acc[r]);
+                        acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xs[r].add(b)), acc[r]);
+                    }
+                }
+                for r in 0..R {
+                    _mm256_storeu_ps(out[r].as_mut_ptr().add(half * 8), acc[r]);
+                }
+            }
+            out
+        }
+    }
+
     /// # Safety
     /// See the module docs.
     #[target_feature(enable = "avx2,f16c")]
@@ -1001,8 +1165,19 @@ mod tests {
         QTensor::quantize(&tensor(out, k, (out * k) as u64), dtype).unwrap()
     }
 
-    fn packed(out: usize, k: usize, dtype: GgmlDType) -> Packed {
-        match QLinear::new(quantized(out, k, dtype)).unwrap().inner {
+    /// Every weight format with every choice of numerics.
+    const KERNELS: [(GgmlDType, Numerics); 4] = [
+        (GgmlDType::Q4_1, Numerics::LlamaCpp),
+        (GgmlDType::Q4_1, Numerics::Fast),
+        (GgmlDType::Q8_0, Numerics::LlamaCpp),
+        (GgmlDType::Q8_0, Numerics::Fast),
+    ];
+
+    fn packed(out: usize, k: usize, dtype: GgmlDType, numerics: Numerics) -> Packed {
+        match QLinear::new(quantized(out, k, dtype), numerics)
+            .unwrap()
+            .inner
+        {
             Inner::Packed(p) => p,
             Inner::Candle(_) => panic!("{dtype:?} [{out}, {k}] not packed"),
         }
@@ -1022,17 +1197,18 @@ mod tests {
         (1000, 576),
         (40, 64),
     ];
-    const ROWS: [usize; 4] = [1, 3, 16, 17];
+    /// One row, part of a tile, whole tiles of every kernel, and a tile and a bit.
+    const ROWS: [usize; 6] = [1, 3, 8, 9, 16, 17];
 
     /// Q4_1 runs candle's `vec_dot_unopt` sequence exactly; Q8_0 against candle's AVX kernel
     /// (another summation order) or, for `in` a multiple of 256, its Q8_K path (another
     /// activation quantisation), within a tolerance relative to the row's largest output.
     #[test]
     fn matches_candle() {
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for (dtype, numerics) in KERNELS {
             for (out, k) in SHAPES {
                 let candle = QMatMul::from_qtensor(quantized(out, k, dtype)).unwrap();
-                let ours = QLinear::new(quantized(out, k, dtype)).unwrap();
+                let ours = QLinear::new(quantized(out, k, dtype), numerics).unwrap();
                 assert!(matches!(ours.inner, Inner::Packed(_)));
                 for rows in ROWS {
                     let x = tensor(rows, k, 7 * rows as u64 + k as u64);
@@ -1066,10 +1242,11 @@ mod tests {
     /// (`activation_quantisation_is_ggml_avx` checks those), independently of summation order.
     #[test]
     fn matches_f64_on_candle_blocks() {
-        for (dtype, fmt) in [
-            (GgmlDType::Q4_1, Format::Q4_1),
-            (GgmlDType::Q8_0, Format::Q8_0),
-        ] {
+        for (dtype, numerics) in KERNELS {
+            let fmt = match dtype {
+                GgmlDType::Q4_1 => Format::Q4_1,
+                _ => Format::Q8_0,
+            };
             for (out, k) in [(192, 576), (1000, 1536)] {
                 let rows = 5;
                 let w = quantized(out, k, dtype);
@@ -1077,7 +1254,7 @@ mod tests {
                 let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let acts = Acts::new(fmt, Isa::detect(), &xs, rows, k);
                 let wb = w.data().unwrap().to_vec();
-                let got = QLinear::new(w)
+                let got = QLinear::new(w, numerics)
                     .unwrap()
                     .forward(&x)
                     .unwrap()
@@ -1166,22 +1343,28 @@ mod tests {
         }
     }
 
-    /// Every SIMD path runs the scalar path's float sequence, so they agree bit for bit.
+    /// Every SIMD path runs the scalar path's float sequence, so they agree bit for bit; Q8_0
+    /// is summed the same way whatever the numerics.
     #[test]
     fn simd_paths_equal_scalar() {
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for (dtype, numerics) in KERNELS {
             for (out, k) in SHAPES {
-                let p = packed(out, k, dtype);
+                let p = packed(out, k, dtype, numerics);
+                let q8_0_as_llama_cpp =
+                    (dtype == GgmlDType::Q8_0).then(|| packed(out, k, dtype, Numerics::LlamaCpp));
                 for rows in ROWS {
                     let x = values(rows * k, 3 + rows as u64);
                     let want = run(&p, Isa::Scalar, &x, rows);
+                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     for isa in Isa::available() {
                         let got = run(&p, isa, &x, rows);
-                        let same = want
-                            .iter()
-                            .zip(&got)
-                            .all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(same, "{dtype:?} {isa:?} {rows}x{k}x{out}");
+                        assert!(
+                            bits(&want) == bits(&got),
+                            "{dtype:?} {numerics:?} {isa:?} {rows}x{k}x{out}"
+                        );
+                    }
+                    if let Some(q) = &q8_0_as_llama_cpp {
+                        assert!(bits(&want) == bits(&run(q, Isa::Scalar, &x, rows)));
                     }
                 }
             }
@@ -1192,9 +1375,9 @@ mod tests {
     /// thread it lands in).
     #[test]
     fn row_alone_equals_row_in_batch() {
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for (dtype, numerics) in KERNELS {
             for (out, k) in [(1000, 576), (576, 1536)] {
-                let p = packed(out, k, dtype);
+                let p = packed(out, k, dtype, numerics);
                 let rows = 13;
                 let x = values(rows * k, 11);
                 for isa in Isa::available() {
@@ -1205,7 +1388,7 @@ mod tests {
                             .iter()
                             .zip(&batch[r * out..][..out])
                             .all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(same, "{dtype:?} {isa:?} [{out}, {k}] row {r}");
+                        assert!(same, "{dtype:?} {numerics:?} {isa:?} [{out}, {k}] row {r}");
                     }
                 }
             }
@@ -1237,7 +1420,7 @@ mod tests {
     #[test]
     fn other_formats_fall_back_to_candle() {
         let (out, k, rows) = (64, 256, 3);
-        let ours = QLinear::new(quantized(out, k, GgmlDType::Q4_0)).unwrap();
+        let ours = QLinear::new(quantized(out, k, GgmlDType::Q4_0), Numerics::Fast).unwrap();
         assert!(matches!(ours.inner, Inner::Candle(_)));
         let candle = QMatMul::from_qtensor(quantized(out, k, GgmlDType::Q4_0)).unwrap();
         let x = tensor(rows, k, 1);
@@ -1248,7 +1431,7 @@ mod tests {
     #[test]
     fn keeps_leading_dims_and_dtype() {
         let (out, k) = (40, 64);
-        let ours = QLinear::new(quantized(out, k, GgmlDType::Q4_1)).unwrap();
+        let ours = QLinear::new(quantized(out, k, GgmlDType::Q4_1), Numerics::Fast).unwrap();
         let x = Tensor::from_vec(values(2 * 3 * k, 2), (2, 3, k), &Device::Cpu).unwrap();
         let y = ours.forward(&x).unwrap();
         assert_eq!(y.dims(), &[2, 3, out]);
