@@ -2,7 +2,8 @@
 //! prefill speed for one prompt, and one batched decode step for 1–16 running sequences (each
 //! with a 64-token context), medians of repeated runs. RAYON_NUM_THREADS picks the threads
 //! (default: all cores, as `ember serve` gives a generation-only repository);
-//! EMBER_BENCH_NUMERICS the model's `numerics` (`llama.cpp`, the default, or `fast`).
+//! EMBER_BENCH_NUMERICS the model's `numerics` (`llama.cpp`, the default, or `fast`);
+//! EMBER_BENCH_STEPS the decode steps timed per count (default 40).
 
 use std::time::Instant;
 
@@ -61,10 +62,15 @@ fn main() {
         .split(',')
         .map(|n| n.parse().expect("EMBER_BENCH_SEQUENCES is a list like 1,8"))
         .collect();
+    // More steps make a profile of the decode step that the prefills above do not swamp.
+    let steps: usize = std::env::var("EMBER_BENCH_STEPS").map_or(40, |s| {
+        s.parse()
+            .expect("EMBER_BENCH_STEPS is a number of decode steps")
+    });
     for n in counts {
         let mut caches: Vec<_> = (0..n)
             .map(|i| {
-                let mut c = model.new_cache(64 + 64).unwrap();
+                let mut c = model.new_cache(64 + steps).unwrap();
                 let p: Vec<u32> = prompt[i..i + 64].to_vec();
                 model
                     .forward(&mut [Chunk {
@@ -77,7 +83,7 @@ fn main() {
             })
             .collect();
         let tokens: Vec<u32> = (0..n as u32).map(|i| 500 + i).collect();
-        let times: Vec<f64> = (0..40)
+        let times: Vec<f64> = (0..steps)
             .map(|_| {
                 let mut chunks: Vec<Chunk> = caches
                     .iter_mut()

@@ -30,7 +30,7 @@
 //!
 //! `Numerics::Fast` gives up llama.cpp's lanes for Q4_1: a block's 32 products become one
 //! integer sum (exact), then `acc = fma(d_w · d_x, sumi, acc)` and `acc = fma(m_w, s_x, acc)`,
-//! one f32 chain per output. That is a third of the float work per weight, and it frees the
+//! one f32 chain per output. That is under a third of the float work per weight, and it frees the
 //! registers for eight rows per tile, so the nibbles are split once per block for all of them
 //! and there is no separate unpack. The same rules hold: exact integer sums, one fixed float
 //! sequence, the same on every path and for any batch.
@@ -840,8 +840,9 @@ mod x86 {
     }
 
     /// `q4_1_vnni` with `Numerics::Fast`: a block's eight chunk products go into one integer
-    /// sum per row (two chains of four, for the instruction's latency), and each row keeps one
-    /// f32 accumulator, so up to eight rows share a block's nibbles, split in registers.
+    /// sum per row and each row keeps one f32 accumulator, so up to eight rows share a block's
+    /// nibbles, split in registers (the rows' chains are independent, so one chain per row
+    /// waits on nothing).
     ///
     /// # Safety
     /// See the module docs.
@@ -874,14 +875,14 @@ mod x86 {
                 let hi = p.map(|p| _mm512_and_si512(_mm512_srli_epi16::<4>(p), nibble));
                 for r in 0..R {
                     let x = xq[r].add(b * QK);
-                    let (mut sl, mut sh) = (zero, zero);
+                    let mut si = zero;
                     for j in 0..4 {
                         let xl = _mm512_set1_epi32(bcast4(x.add(4 * j)));
                         let xh = _mm512_set1_epi32(bcast4(x.add(QK / 2 + 4 * j)));
-                        sl = _mm512_dpbusd_epi32(sl, lo[j], xl);
-                        sh = _mm512_dpbusd_epi32(sh, hi[j], xh);
+                        si = _mm512_dpbusd_epi32(si, lo[j], xl);
+                        si = _mm512_dpbusd_epi32(si, hi[j], xh);
                     }
-                    let sumi = _mm512_cvtepi32_ps(_mm512_add_epi32(sl, sh));
+                    let sumi = _mm512_cvtepi32_ps(si);
                     let d = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b)));
                     acc[r] = _mm512_fmadd_ps(d, sumi, acc[r]);
                     acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*xs[r].add(b)), acc[r]);
