@@ -23,6 +23,16 @@ fn chat(content: &str, max_tokens: u64) -> Value {
            "max_tokens": max_tokens, "temperature": 0})
 }
 
+/// A greedy completion of 24 tokens, the length of llama.cpp's reference trajectories.
+async fn greedy_completion(server: &Server, prompt: &Value) -> (u16, Value) {
+    server
+        .post(
+            "/v1/completions",
+            json!({"model": SMOLLM, "prompt": prompt, "max_tokens": 24, "temperature": 0}),
+        )
+        .await
+}
+
 /// Sends a streaming request and returns the parsed `data:` payloads (the last is `[DONE]`).
 async fn stream(server: &Server, path: &str, body: Value) -> Vec<String> {
     let response = server
@@ -78,13 +88,7 @@ async fn completions_and_chat_equal_llama_cpp_greedy() {
     // Every case, near ties included: the CPU forward pass does llama.cpp's arithmetic
     // operation for operation (engine/generate/ggml.rs), so greedy picks its tokens.
     for case in f["completion"].as_array().unwrap() {
-        let (status, body) = server
-            .post(
-                "/v1/completions",
-                json!({"model": SMOLLM, "prompt": case["prompt"], "max_tokens": 24,
-                       "temperature": 0}),
-            )
-            .await;
+        let (status, body) = greedy_completion(&server, &case["prompt"]).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(
             body["choices"][0]["text"], case["greedy_text"],
@@ -176,13 +180,7 @@ async fn eight_concurrent_streams_equal_their_solo_runs_and_share_steps() {
 async fn fast_numerics_are_batch_invariant_and_give_llama_cpp_decisive_text() {
     let server = server("max_concurrent_sequences = 8\nnumerics = \"fast\"").await;
     let case = decisive_completion();
-    let (status, body) = server
-        .post(
-            "/v1/completions",
-            json!({"model": SMOLLM, "prompt": case["prompt"], "max_tokens": 24,
-                   "temperature": 0}),
-        )
-        .await;
+    let (status, body) = greedy_completion(&server, &case["prompt"]).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["text"], case["greedy_text"]);
     eight_streams_equal_solo_runs(&server).await;

@@ -539,6 +539,27 @@ impl Acts {
         }
         acts
     }
+
+    /// Where rows `r0..r0 + R` start in `qs`, `d`, `s` and `bias`, for the kernels' raw reads.
+    fn row_ptrs<const R: usize>(
+        &self,
+        r0: usize,
+    ) -> (
+        [*const i8; R],
+        [*const f32; R],
+        [*const f32; R],
+        [*const i32; R],
+    ) {
+        // Wrapping arithmetic: a format leaves `s` or `bias` empty, and those pointers are then
+        // never read, which plain `add` would not allow to be formed.
+        let at = |r: usize, per_row: usize| (r0 + r) * per_row;
+        (
+            std::array::from_fn(|r| self.qs.as_ptr().wrapping_add(at(r, self.nb * QK))),
+            std::array::from_fn(|r| self.d.as_ptr().wrapping_add(at(r, self.nb))),
+            std::array::from_fn(|r| self.s.as_ptr().wrapping_add(at(r, self.nb))),
+            std::array::from_fn(|r| self.bias.as_ptr().wrapping_add(at(r, self.nb))),
+        )
+    }
 }
 
 crate::engine::fma_dispatched! {
@@ -785,10 +806,7 @@ mod x86 {
         // bytes, and row r0 + r of `acts` holds nb · 32 quants and nb scales, per the contract.
         unsafe {
             let scales = qs.add(nb * Format::Q4_1.qs_bytes());
-            let xq: [*const i8; R] =
-                std::array::from_fn(|r| acts.qs.as_ptr().add((r0 + r) * nb * QK));
-            let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((r0 + r) * nb));
-            let xs: [*const f32; R] = std::array::from_fn(|r| acts.s.as_ptr().add((r0 + r) * nb));
+            let (xq, xd, xs, _) = acts.row_ptrs::<R>(r0);
             let nibble = _mm512_set1_epi8(0x0F);
             let zero = _mm512_setzero_si512();
             // Per row, llama.cpp's eight lanes of a block (lane j: low nibbles of chunk j,
@@ -858,10 +876,7 @@ mod x86 {
         // SAFETY (every raw read below): as in `q4_1_vnni`.
         unsafe {
             let scales = qs.add(nb * Format::Q4_1.qs_bytes());
-            let xq: [*const i8; R] =
-                std::array::from_fn(|r| acts.qs.as_ptr().add((r0 + r) * nb * QK));
-            let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((r0 + r) * nb));
-            let xs: [*const f32; R] = std::array::from_fn(|r| acts.s.as_ptr().add((r0 + r) * nb));
+            let (xq, xd, xs, _) = acts.row_ptrs::<R>(r0);
             let nibble = _mm512_set1_epi8(0x0F);
             let zero = _mm512_setzero_si512();
             let mut acc = [_mm512_setzero_ps(); R];
@@ -911,11 +926,7 @@ mod x86 {
         // bytes, and row r0 + r of `acts` holds nb · 32 quants, nb scales and nb biases.
         unsafe {
             let scales = qs.add(nb * Format::Q8_0.qs_bytes());
-            let xq: [*const i8; R] =
-                std::array::from_fn(|r| acts.qs.as_ptr().add((r0 + r) * nb * QK));
-            let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((r0 + r) * nb));
-            let xb: [*const i32; R] =
-                std::array::from_fn(|r| acts.bias.as_ptr().add((r0 + r) * nb));
+            let (xq, xd, _, xb) = acts.row_ptrs::<R>(r0);
             // Flipping the sign bit maps i8 w to the u8 w + 128 that vpdpbusd needs.
             let flip = _mm512_set1_epi8(i8::MIN);
             let mut acc = [_mm512_setzero_ps(); R];
@@ -967,10 +978,7 @@ mod x86 {
         // bytes and 16 of a scale vector's 32.
         unsafe {
             let scales = qs.add(nb * Format::Q4_1.qs_bytes());
-            let xq: [*const i8; R] =
-                std::array::from_fn(|r| acts.qs.as_ptr().add((r0 + r) * nb * QK));
-            let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((r0 + r) * nb));
-            let xs: [*const f32; R] = std::array::from_fn(|r| acts.s.as_ptr().add((r0 + r) * nb));
+            let (xq, xd, xs, _) = acts.row_ptrs::<R>(r0);
             let nibble = _mm256_set1_epi8(0x0F);
             let ones = _mm256_set1_epi16(1);
             let mut out = [[0f32; LANES]; R];
@@ -1038,10 +1046,7 @@ mod x86 {
         // SAFETY (every raw read below): as in `q4_1_avx2`.
         unsafe {
             let scales = qs.add(nb * Format::Q4_1.qs_bytes());
-            let xq: [*const i8; R] =
-                std::array::from_fn(|r| acts.qs.as_ptr().add((r0 + r) * nb * QK));
-            let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((r0 + r) * nb));
-            let xs: [*const f32; R] = std::array::from_fn(|r| acts.s.as_ptr().add((r0 + r) * nb));
+            let (xq, xd, xs, _) = acts.row_ptrs::<R>(r0);
             let nibble = _mm256_set1_epi8(0x0F);
             let ones = _mm256_set1_epi16(1);
             let mut out = [[0f32; LANES]; R];
@@ -1101,9 +1106,7 @@ mod x86 {
         // bytes and 16 of a scale vector's 32.
         unsafe {
             let scales = qs.add(nb * Format::Q8_0.qs_bytes());
-            let xq: [*const i8; R] =
-                std::array::from_fn(|r| acts.qs.as_ptr().add((r0 + r) * nb * QK));
-            let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((r0 + r) * nb));
+            let (xq, xd, ..) = acts.row_ptrs::<R>(r0);
             let ones = _mm256_set1_epi16(1);
             let mut out = [[0f32; LANES]; R];
             for half in 0..2 {
