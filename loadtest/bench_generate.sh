@@ -13,6 +13,8 @@
 #   loadtest/bench_generate.sh [SECONDS_PER_LEVEL]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=loadtest/bench_lib.sh
+source loadtest/bench_lib.sh
 secs=${1:-20}
 read -ra numerics <<<"${EMBER_BENCH_NUMERICS:-llama.cpp fast}"
 gguf=$PWD/models/SmolLM2-135M-Instruct/weights/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -28,13 +30,9 @@ trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 # with its prefix cache off; the streaming load runs as served, prefix cache on (llama-server's
 # prompt cache is on too).
 for n in "${numerics[@]}"; do
-  for repo in "repo-$n" "repo-nocache-$n"; do
-    mkdir -p "$out/$repo/SmolLM2-135M-Instruct"
-    sed "s|^path .*|path = \"$gguf\"|" models/SmolLM2-135M-Instruct/model.toml \
-      >"$out/$repo/SmolLM2-135M-Instruct/model.toml"
-    # [generate] is the file's last table.
-    echo "numerics = \"$n\"" >>"$out/$repo/SmolLM2-135M-Instruct/model.toml"
-  done
+  smollm_repo "$out/repo-$n" "$gguf" "$n"
+  smollm_repo "$out/repo-nocache-$n" "$gguf" "$n"
+  # [generate] is the file's last table.
   echo "prefix_cache_entries = 0" >>"$out/repo-nocache-$n/SmolLM2-135M-Instruct/model.toml"
 done
 

@@ -1,5 +1,14 @@
 # Shared by the bench_*.sh scripts (sourced, not run): start a server on loopback and wait for
-# readiness. Logs go to "$out" (each script's scratch folder).
+# readiness; write a repository holding the demo generation model. Logs go to "$out" (each
+# script's scratch folder).
+
+smollm_repo() { # repo dir, gguf path, numerics: the demo model.toml with that path and numerics
+  mkdir -p "$1/SmolLM2-135M-Instruct"
+  sed "s|^path .*|path = \"$2\"|" models/SmolLM2-135M-Instruct/model.toml \
+    >"$1/SmolLM2-135M-Instruct/model.toml"
+  # [generate] is the file's last table.
+  echo "numerics = \"$3\"" >>"$1/SmolLM2-135M-Instruct/model.toml"
+}
 
 start() { # repo dir, port; sets $server to the pid
   target/release/ember serve --models "$1" --addr "127.0.0.1:$2" >"$out/serve-$2.log" 2>&1 &

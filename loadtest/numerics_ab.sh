@@ -6,6 +6,7 @@
 #   loadtest/numerics_ab.sh [REPETITIONS] [SECONDS_PER_LEVEL]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=loadtest/bench_lib.sh
 source loadtest/bench_lib.sh
 reps=${1:-2}
 secs=${2:-15}
@@ -15,11 +16,7 @@ cargo build --release --locked --bin ember
 out=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 for n in llama.cpp fast; do
-  mkdir -p "$out/repo-$n/SmolLM2-135M-Instruct"
-  sed "s|^path .*|path = \"$gguf\"|" models/SmolLM2-135M-Instruct/model.toml \
-    >"$out/repo-$n/SmolLM2-135M-Instruct/model.toml"
-  # [generate] is the file's last table.
-  echo "numerics = \"$n\"" >>"$out/repo-$n/SmolLM2-135M-Instruct/model.toml"
+  smollm_repo "$out/repo-$n" "$gguf" "$n"
 done
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 for rep in $(seq "$reps"); do

@@ -624,18 +624,8 @@ fn tile_scalar<const R: usize>(
                 let sc = &scales[b * scale_bytes..][..scale_bytes];
                 let (dx, dw) = (acts.d[row * nb + b], f16_at(sc, 2 * lane));
                 // Quant t of column `lane` in 4-byte chunk j is at q[j * 64 + lane * 4 + t].
-                match (format, numerics) {
-                    (Format::Q4_1, Numerics::Fast) => {
-                        let mut sumi = 0i32;
-                        for i in 0..QK / 2 {
-                            let v = q[(i / 4) * 4 * LANES + lane * 4 + i % 4] as i32;
-                            sumi += (v & 0x0F) * x[i] as i32 + (v >> 4) * x[i + QK / 2] as i32;
-                        }
-                        acc = (dw * dx).mul_add(sumi as f32, acc);
-                        let mw = f16_at(sc, 2 * LANES + 2 * lane);
-                        acc = mw.mul_add(acts.s[row * nb + b], acc);
-                    }
-                    (Format::Q4_1, Numerics::LlamaCpp) => {
+                match format {
+                    Format::Q4_1 => {
                         // A nibble byte holds element i (low) and element i + 16 (high); lane
                         // l < 4 sums elements 4l..4l + 4, lane 4 + l elements 16 + 4l.. .
                         let mut sumi = [0i32; 8];
@@ -644,14 +634,22 @@ fn tile_scalar<const R: usize>(
                             sumi[i / 4] += (v & 0x0F) * x[i] as i32;
                             sumi[4 + i / 4] += (v >> 4) * x[i + QK / 2] as i32;
                         }
-                        let d = dw * dx;
-                        for (acc, sumi) in lanes.iter_mut().zip(sumi) {
-                            *acc = d.mul_add(sumi as f32, *acc);
+                        let (d, mw) = (dw * dx, f16_at(sc, 2 * LANES + 2 * lane));
+                        let sx = acts.s[row * nb + b];
+                        match numerics {
+                            Numerics::LlamaCpp => {
+                                for (acc, sumi) in lanes.iter_mut().zip(sumi) {
+                                    *acc = d.mul_add(sumi as f32, *acc);
+                                }
+                                summs = mw.mul_add(sx, summs);
+                            }
+                            Numerics::Fast => {
+                                acc = d.mul_add(sumi.iter().sum::<i32>() as f32, acc);
+                                acc = mw.mul_add(sx, acc);
+                            }
                         }
-                        let mw = f16_at(sc, 2 * LANES + 2 * lane);
-                        summs = mw.mul_add(acts.s[row * nb + b], summs);
                     }
-                    (Format::Q8_0, _) => {
+                    Format::Q8_0 => {
                         let mut sumi = 0i32;
                         for (i, &x) in x.iter().enumerate() {
                             let v = q[(i / 4) * 4 * LANES + lane * 4 + i % 4] as i8;
