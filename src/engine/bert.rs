@@ -8,6 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, T
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::add_norm::AddNorm;
 use super::bf16_linear::Bf16Linear;
 use super::encoder_attention::SelfAttention;
 use crate::repository::Precision;
@@ -110,11 +111,13 @@ impl Linear {
     }
 }
 
+/// Layer norm, with the residual add folded in: `add_norm` on CPU, candle's ops elsewhere.
 #[derive(Clone)]
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f32,
+    cpu: Arc<AddNorm>,
 }
 
 impl LayerNorm {
@@ -124,15 +127,29 @@ impl LayerNorm {
             (Ok(w), Ok(b)) => (w, b),
             _ => (vb.get(size, "gamma")?, vb.get(size, "beta")?),
         };
+        let cpu = Arc::new(AddNorm::new(weight.to_vec1()?, bias.to_vec1()?, eps as f32));
         Ok(Self {
             weight,
             bias,
             eps: eps as f32,
+            cpu,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    /// The norm of `x + residual`, or of `x` alone.
+    fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let x = x.contiguous()?;
+            return match residual {
+                Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, self.cpu.as_ref()),
+                None => x.apply_op1_no_bwd(self.cpu.as_ref()),
+            };
+        }
+        let x = match residual {
+            Some(r) => (x + r)?,
+            None => x.clone(),
+        };
+        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -271,17 +288,17 @@ impl Bert {
             .broadcast_add(&positions)?
             .broadcast_add(&self.token_type_embedding)?
             .reshape((batch * len, hidden))?;
-        let mut x = self.embedding_norm.forward(&x)?;
+        let mut x = self.embedding_norm.forward(&x, None)?;
         let attention = Attention::new(self, mask)?;
         for layer in &self.layers {
             let context = attention.forward(&layer.qkv.forward(&x)?)?;
             let attended = layer
                 .attention_norm
-                .forward(&(layer.attention_out.forward(&context)? + &x)?)?;
+                .forward(&layer.attention_out.forward(&context)?, Some(&x))?;
             let inner = layer.intermediate.forward(&attended)?;
             x = layer
                 .output_norm
-                .forward(&(layer.output.forward(&inner)? + &attended)?)?;
+                .forward(&layer.output.forward(&inner)?, Some(&attended))?;
         }
         x.reshape((batch, len, hidden))
     }

@@ -1,6 +1,7 @@
 //! Model families and all compute. Knows nothing of HTTP or queues: an engine is loaded from a
 //! folder onto a device and turns a batch of inputs into outputs.
 
+mod add_norm;
 pub mod bert;
 mod bf16_linear;
 pub mod embed;
