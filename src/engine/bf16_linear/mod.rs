@@ -230,22 +230,10 @@ impl Bf16Linear {
                 continue;
             };
             if kernel == Kernel::Avx2 {
-                for (d, &s) in dst.iter_mut().zip(row) {
-                    *d = u32::from(to_bf16(s)) << 16;
-                }
-                dst[row.len()..].fill(0);
-                continue;
+                widen_row(row, dst);
+            } else {
+                pair_row(row, dst);
             }
-            let mut src = row.chunks_exact(2);
-            let mut d = dst.iter_mut();
-            // `src` first: zip stops on it without taking a word from `d`.
-            for (s, d) in (&mut src).zip(&mut d) {
-                *d = pair(s[0], s[1]);
-            }
-            if let [last] = src.remainder() {
-                *d.next().expect("pairs cover inputs") = pair(*last, 0.0);
-            }
-            d.for_each(|d| *d = 0);
         }
         #[cfg(target_arch = "x86_64")]
         let tiles = (kernel == Kernel::Amx).then(|| {
@@ -307,6 +295,35 @@ impl Bf16Linear {
         if a.0.len() * std::mem::size_of::<CacheLine>() <= SCRATCH_KEEP_BYTES {
             SCRATCH.set(a);
         }
+    }
+}
+
+crate::engine::fma_dispatched! {
+    /// One activation row as bf16 pairs (`pair`), zeros past its end. Compiled for the widest
+    /// vectors: at the SSE width the compiler gives a plain function it was a twentieth of a
+    /// batched forward pass.
+    fn pair_row(row: &[f32], dst: &mut [u32]) {
+        let mut src = row.chunks_exact(2);
+        let mut d = dst.iter_mut();
+        // `src` first: zip stops on it without taking a word from `d`.
+        for (s, d) in (&mut src).zip(&mut d) {
+            *d = pair(s[0], s[1]);
+        }
+        if let [last] = src.remainder() {
+            *d.next().expect("pairs cover inputs") = pair(*last, 0.0);
+        }
+        d.for_each(|d| *d = 0);
+    }
+}
+
+crate::engine::fma_dispatched! {
+    /// One activation row rounded to bf16 and widened back to f32 bits, one word per value, for
+    /// the AVX2 kernel; zeros past its end.
+    fn widen_row(row: &[f32], dst: &mut [u32]) {
+        for (d, &s) in dst.iter_mut().zip(row) {
+            *d = u32::from(to_bf16(s)) << 16;
+        }
+        dst[row.len()..].fill(0);
     }
 }
 
