@@ -38,9 +38,7 @@ load 18081 batching
 kill "$server"; wait "$server" 2>/dev/null || true
 
 echo "== ember, max_batch_size = 1 (instances as in the demo config)"
-mkdir -p "$out/repo1/all-MiniLM-L6-v2"
-sed -e "s|^path .*|path = \"$weights\"|" -e 's|^max_batch_size .*|max_batch_size = 1|' \
-  models/all-MiniLM-L6-v2/model.toml >"$out/repo1/all-MiniLM-L6-v2/model.toml"
+embed_repo "$out/repo1" 1
 start "$out/repo1" 18082
 load 18082 batch=1
 kill "$server"; wait "$server" 2>/dev/null || true

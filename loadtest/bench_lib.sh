@@ -1,5 +1,6 @@
 # Shared by the bench_*.sh scripts (sourced, not run): start a server on loopback and wait for
-# readiness; write a repository holding the demo generation model. Logs go to "$out" (each
+# readiness; write a repository holding the demo generation model, or the demo embedding model
+# with another batch size. Logs go to "$out" (each
 # script's scratch folder).
 
 smollm_repo() { # repo dir, gguf path, numerics: the demo model.toml with that path and numerics
@@ -10,8 +11,15 @@ smollm_repo() { # repo dir, gguf path, numerics: the demo model.toml with that p
   echo "numerics = \"$3\"" >>"$1/SmolLM2-135M-Instruct/model.toml"
 }
 
-start() { # repo dir, port; sets $server to the pid
-  target/release/ember serve --models "$1" --addr "127.0.0.1:$2" >"$out/serve-$2.log" 2>&1 &
+embed_repo() { # repo dir, max_batch_size: the demo embedding model.toml with that batch size
+  mkdir -p "$1/all-MiniLM-L6-v2"
+  sed -e "s|^path .*|path = \"$PWD/models/all-MiniLM-L6-v2/weights\"|" \
+    -e "s|^max_batch_size .*|max_batch_size = $2|" \
+    models/all-MiniLM-L6-v2/model.toml >"$1/all-MiniLM-L6-v2/model.toml"
+}
+
+start() { # repo dir, port; sets $server to the pid. EMBER_BIN picks another build of ember.
+  "${EMBER_BIN:-target/release/ember}" serve --models "$1" --addr "127.0.0.1:$2" >"$out/serve-$2.log" 2>&1 &
   server=$!
   for _ in $(seq 100); do
     curl -sf "http://127.0.0.1:$2/health/ready" >/dev/null && return
