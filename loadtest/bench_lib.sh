@@ -1,7 +1,6 @@
 # Shared by the bench_*.sh scripts (sourced, not run): start a server on loopback and wait for
 # readiness; write a repository holding the demo generation model, or the demo embedding model
-# with another batch size. Logs go to "$out" (each
-# script's scratch folder).
+# with another batch size. Logs go to "$out" (each script's scratch folder).
 
 smollm_repo() { # repo dir, gguf path, numerics: the demo model.toml with that path and numerics
   mkdir -p "$1/SmolLM2-135M-Instruct"

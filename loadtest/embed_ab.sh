@@ -13,7 +13,6 @@ if [ $# -lt 2 ]; then
   echo "usage: loadtest/embed_ab.sh EMBER_A EMBER_B [REPETITIONS] [SECONDS_PER_LEVEL]" >&2
   exit 2
 fi
-bins=("$1" "$2")
 reps=${3:-2}
 secs=${4:-10}
 models/fetch.sh all-MiniLM-L6-v2
@@ -26,8 +25,8 @@ echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d
 echo "run build  config       tokens  conc  requests  errors     sent/s    p50 ms    p95 ms    p99 ms"
 for rep in $(seq "$reps"); do
   for build in A B; do
-    bin=${bins[0]}
-    [ "$build" = B ] && bin=${bins[1]}
+    bin=$1
+    [ "$build" = B ] && bin=$2
     for config in batching batch1; do
       EMBER_BIN=$bin start "$out/$config" 18095
       for tokens in 12 60; do
