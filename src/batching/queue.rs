@@ -84,13 +84,20 @@ impl<T> BatchQueue<T> {
         before - self.pending.len()
     }
 
-    /// Takes the next batch. The oldest input always goes (nothing starves); the others join in
-    /// order of how close their length is to it, while the batch stays within `max_batch_size`,
-    /// within `max_batch_tokens` counted padded, and within the padding allowance above.
-    pub fn take_batch(&mut self) -> Vec<Pending<T>> {
+    /// Takes the next batch, for one of `idle` compute instances that are free now. The oldest
+    /// input always goes (nothing starves); the others join in order of how close their length
+    /// is to it, while the batch stays within `max_batch_size`, within `max_batch_tokens` counted
+    /// padded, within the padding allowance above, and within an even share of what waits among
+    /// the idle instances: one batch of everything would keep the others idle while it computes
+    /// (a request of 20 texts on two instances took twice as long as two batches of 10).
+    pub fn take_batch(&mut self, idle: usize) -> Vec<Pending<T>> {
         let Some(anchor) = self.pending.front() else {
             return Vec::new();
         };
+        let limit = self
+            .policy
+            .max_batch_size
+            .min(self.pending.len().div_ceil(idle.max(1)));
         let anchor_len = anchor.tokens;
         let mut order: Vec<usize> = (1..self.pending.len()).collect();
         // Stable: among equally close lengths the older input goes first.
@@ -99,7 +106,7 @@ impl<T> BatchQueue<T> {
         let mut chosen = vec![0];
         let (mut longest, mut real) = (anchor_len, anchor_len);
         for i in order {
-            if chosen.len() >= self.policy.max_batch_size {
+            if chosen.len() >= limit {
                 break;
             }
             let tokens = self.pending[i].tokens;
@@ -155,7 +162,7 @@ mod tests {
         assert!(!q.should_flush(t0));
         q.push(3, 10, t0);
         assert!(q.should_flush(t0));
-        assert_eq!(items(&q.take_batch()), vec![1, 2, 3]);
+        assert_eq!(items(&q.take_batch(1)), vec![1, 2, 3]);
         assert!(q.is_empty());
     }
 
@@ -168,8 +175,8 @@ mod tests {
         q.push(2, 60, t0);
         assert!(q.should_flush(t0));
         // 2 × 60 padded tokens exceed 100: only the oldest goes.
-        assert_eq!(items(&q.take_batch()), vec![1]);
-        assert_eq!(items(&q.take_batch()), vec![2]);
+        assert_eq!(items(&q.take_batch(1)), vec![1]);
+        assert_eq!(items(&q.take_batch(1)), vec![2]);
     }
 
     #[test]
@@ -181,7 +188,7 @@ mod tests {
         assert_eq!(q.deadline(), Some(t0 + Duration::from_millis(5)));
         assert!(!q.should_flush(t0 + Duration::from_millis(4)));
         assert!(q.should_flush(t0 + Duration::from_millis(5)));
-        assert_eq!(items(&q.take_batch()), vec![1, 2]);
+        assert_eq!(items(&q.take_batch(1)), vec![1, 2]);
         assert_eq!(q.deadline(), None);
     }
 
@@ -193,9 +200,9 @@ mod tests {
             q.push(item, tokens, t0);
         }
         // The short ones go together; the long ones do not make them pay for padding.
-        assert_eq!(items(&q.take_batch()), vec![1, 3, 6]);
-        assert_eq!(items(&q.take_batch()), vec![2, 4]);
-        assert_eq!(items(&q.take_batch()), vec![5]);
+        assert_eq!(items(&q.take_batch(1)), vec![1, 3, 6]);
+        assert_eq!(items(&q.take_batch(1)), vec![2, 4]);
+        assert_eq!(items(&q.take_batch(1)), vec![5]);
         assert!(q.is_empty());
     }
 
@@ -206,9 +213,9 @@ mod tests {
         for i in 1..=5 {
             q.push(i, 10, t0);
         }
-        assert_eq!(items(&q.take_batch()), vec![1, 2]);
-        assert_eq!(items(&q.take_batch()), vec![3, 4]);
-        assert_eq!(items(&q.take_batch()), vec![5]);
+        assert_eq!(items(&q.take_batch(1)), vec![1, 2]);
+        assert_eq!(items(&q.take_batch(1)), vec![3, 4]);
+        assert_eq!(items(&q.take_batch(1)), vec![5]);
     }
 
     #[test]
@@ -217,8 +224,8 @@ mod tests {
         let mut q = BatchQueue::new(policy(8, 64, 5));
         q.push(1, 300, t0);
         q.push(2, 10, t0);
-        assert_eq!(items(&q.take_batch()), vec![1]);
-        assert_eq!(items(&q.take_batch()), vec![2]);
+        assert_eq!(items(&q.take_batch(1)), vec![1]);
+        assert_eq!(items(&q.take_batch(1)), vec![2]);
     }
 
     #[test]
@@ -230,7 +237,23 @@ mod tests {
         assert!(q.is_full());
         assert_eq!(q.remove_where(|&i| i == 1), 1);
         assert!(!q.is_full());
-        assert_eq!(items(&q.take_batch()), vec![2]);
+        assert_eq!(items(&q.take_batch(1)), vec![2]);
+    }
+
+    #[test]
+    fn idle_instances_share_what_waits() {
+        let mut q = BatchQueue::new(policy(32, 1000, 0));
+        let now = Instant::now();
+        for i in 1..=7 {
+            q.push(i, 10, now);
+        }
+        // Two idle: the first takes half (rounded up), the one left idle then takes the rest.
+        assert_eq!(items(&q.take_batch(2)), vec![1, 2, 3, 4]);
+        assert_eq!(items(&q.take_batch(1)), vec![5, 6, 7]);
+        // More idle instances than inputs: one each.
+        q.push(8, 10, now);
+        q.push(9, 10, now);
+        assert_eq!(items(&q.take_batch(3)), vec![8]);
     }
 
     mod properties {
@@ -240,12 +263,14 @@ mod tests {
 
         proptest! {
             /// Every input leaves exactly once, the oldest always goes in the next batch (no
-            /// starvation), and no batch passes its size, or its token budget unless alone.
+            /// starvation), and no batch passes its size, its share among the idle instances, or
+            /// its token budget unless alone.
             #[test]
             fn every_input_leaves_once_in_bounded_batches(
                 lengths in prop::collection::vec(1usize..600, 1..80),
                 size in 1usize..33,
                 budget in 64usize..4096,
+                idle in 1usize..4,
             ) {
                 let mut q = BatchQueue::new(policy(size, budget, 0));
                 let now = Instant::now();
@@ -255,8 +280,10 @@ mod tests {
                 let mut seen = vec![0u32; lengths.len()];
                 while !q.is_empty() {
                     let oldest = q.pending.front().unwrap().item;
-                    let batch = q.take_batch();
+                    let waiting = q.len();
+                    let batch = q.take_batch(idle);
                     prop_assert!(!batch.is_empty() && batch.len() <= size);
+                    prop_assert!(batch.len() <= waiting.div_ceil(idle));
                     prop_assert_eq!(batch[0].item, oldest);
                     let longest = batch.iter().map(|p| p.tokens).max().unwrap();
                     prop_assert!(batch.len() == 1 || longest * batch.len() <= budget);

@@ -184,7 +184,8 @@ async fn batch_loop<I: Send + 'static, O: Send + 'static>(
                 let permit = permit.expect("the idle semaphore is never closed");
                 let cancelled = queue.remove_where(|job| job.reply.is_closed());
                 metrics.cancelled_items_total.inc_by(cancelled as u64);
-                let pending = queue.take_batch();
+                // This instance and the others still idle share what waits.
+                let pending = queue.take_batch(1 + idle.available_permits());
                 if pending.is_empty() {
                     continue;
                 }
@@ -342,21 +343,42 @@ mod tests {
         capacity: usize,
         gated: bool,
     ) -> (Batcher<Recorder>, Seen, Option<std::sync::mpsc::Sender<()>>) {
+        let (b, seen, mut gates) = instances(1, size, tokens, delay_ms, capacity, gated);
+        (b, seen, gates.pop())
+    }
+
+    /// `n` engine instances sharing one record of batches, each with its own gate if `gated`.
+    fn instances(
+        n: usize,
+        size: usize,
+        tokens: usize,
+        delay_ms: u64,
+        capacity: usize,
+        gated: bool,
+    ) -> (Batcher<Recorder>, Seen, Vec<std::sync::mpsc::Sender<()>>) {
         let batches = Arc::new(Mutex::new(Vec::new()));
-        let (gate_tx, gate_rx) = std::sync::mpsc::channel();
-        let engine = Recorder {
-            batches: batches.clone(),
-            gate: gated.then_some(gate_rx),
-        };
+        let mut gates = Vec::new();
+        let engines = (0..n)
+            .map(|_| {
+                let (gate_tx, gate_rx) = std::sync::mpsc::channel();
+                if gated {
+                    gates.push(gate_tx);
+                }
+                Recorder {
+                    batches: batches.clone(),
+                    gate: gated.then_some(gate_rx),
+                }
+            })
+            .collect();
         let policy = BatchPolicy {
             max_batch_size: size,
             max_batch_tokens: tokens,
             max_queue_delay_ms: delay_ms,
             queue_capacity: capacity,
-            instances: 1,
+            instances: n,
         };
-        let b = Batcher::spawn("m", vec![engine], policy, BatcherMetrics::detached()).unwrap();
-        (b, batches, gated.then_some(gate_tx))
+        let b = Batcher::spawn("m", engines, policy, BatcherMetrics::detached()).unwrap();
+        (b, batches, gates)
     }
 
     async fn answers(replies: Vec<Reply<u32>>) -> Vec<Result<u32, BatchError>> {
@@ -410,6 +432,36 @@ mod tests {
         assert_eq!(answers(replies).await, ok(&want));
         let sizes: Vec<usize> = seen.lock().unwrap().iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![3, 3, 3, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_instances_split_a_request_and_a_busy_one_gets_none_of_it() {
+        // Both idle: a request of 10 goes out as two batches of 5 at once.
+        let (b, seen, gates) = instances(2, 32, 1000, 0, 64, true);
+        let replies = b.submit((1..=10).map(|i| (i, 10)).collect()).unwrap();
+        // Both batches go out before either instance may finish (and count as idle again).
+        tokio::task::yield_now().await;
+        gates.iter().for_each(|g| g.send(()).unwrap());
+        let want: Vec<u32> = (1..=10).map(|i| i * 2).collect();
+        assert_eq!(answers(replies).await, ok(&want));
+        let mut sizes: Vec<usize> = seen.lock().unwrap().iter().map(Vec::len).collect();
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![5, 5]);
+
+        // One instance busy (held at its gate): the idle one takes all that arrives.
+        seen.lock().unwrap().clear();
+        let first = b.submit(vec![(1, 10)]).unwrap();
+        // Let the first batch reach a (blocked) compute thread.
+        tokio::task::yield_now().await;
+        let rest = b.submit((2..=9).map(|i| (i, 10)).collect()).unwrap();
+        tokio::task::yield_now().await;
+        gates.iter().for_each(|g| g.send(()).unwrap());
+        assert_eq!(answers(first).await, ok(&[2]));
+        let want: Vec<u32> = (2..=9).map(|i| i * 2).collect();
+        assert_eq!(answers(rest).await, ok(&want));
+        let mut sizes: Vec<usize> = seen.lock().unwrap().iter().map(Vec::len).collect();
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![1, 8]);
     }
 
     #[tokio::test(start_paused = true)]
