@@ -31,6 +31,9 @@ pub struct BatchQueue<T> {
     policy: BatchPolicy,
     pending: VecDeque<Pending<T>>,
     pending_tokens: usize,
+    /// The last batch stopped at its share for the idle instances: the rest is another idle
+    /// instance's share and goes at once, without waiting out `max_queue_delay_ms`.
+    share_left: bool,
 }
 
 impl<T> BatchQueue<T> {
@@ -39,6 +42,7 @@ impl<T> BatchQueue<T> {
             policy,
             pending: VecDeque::new(),
             pending_tokens: 0,
+            share_left: false,
         }
     }
 
@@ -71,9 +75,12 @@ impl<T> BatchQueue<T> {
         self.pending.front().map(|p| p.arrived + delay)
     }
 
-    /// A batch should go now: it is full, or the oldest input has waited long enough.
+    /// A batch should go now: it is full, it is an idle instance's share of the last split, or
+    /// the oldest input has waited long enough.
     pub fn should_flush(&self, now: Instant) -> bool {
-        self.is_full() || self.deadline().is_some_and(|d| now >= d)
+        self.is_full()
+            || (self.share_left && !self.pending.is_empty())
+            || self.deadline().is_some_and(|d| now >= d)
     }
 
     /// Drops inputs nobody waits for any more; returns how many.
@@ -81,6 +88,7 @@ impl<T> BatchQueue<T> {
         let before = self.pending.len();
         self.pending.retain(|p| !gone(&p.item));
         self.pending_tokens = self.pending.iter().map(|p| p.tokens).sum();
+        self.share_left &= !self.pending.is_empty();
         before - self.pending.len()
     }
 
@@ -94,10 +102,8 @@ impl<T> BatchQueue<T> {
         let Some(anchor) = self.pending.front() else {
             return Vec::new();
         };
-        let limit = self
-            .policy
-            .max_batch_size
-            .min(self.pending.len().div_ceil(idle.max(1)));
+        let share = self.pending.len().div_ceil(idle.max(1));
+        let limit = self.policy.max_batch_size.min(share);
         let anchor_len = anchor.tokens;
         let mut order: Vec<usize> = (1..self.pending.len()).collect();
         // Stable: among equally close lengths the older input goes first.
@@ -131,6 +137,8 @@ impl<T> BatchQueue<T> {
             batch.push(p);
         }
         batch.reverse();
+        self.share_left =
+            batch.len() == share && share < self.policy.max_batch_size && !self.pending.is_empty();
         batch
     }
 }
@@ -242,18 +250,25 @@ mod tests {
 
     #[test]
     fn idle_instances_share_what_waits() {
-        let mut q = BatchQueue::new(policy(32, 1000, 0));
+        let mut q = BatchQueue::new(policy(32, 1000, 50));
         let now = Instant::now();
         for i in 1..=7 {
             q.push(i, 10, now);
         }
-        // Two idle: the first takes half (rounded up), the one left idle then takes the rest.
+        // Two idle: the first takes half (rounded up), the one left idle then takes the rest
+        // at once, not after the queue delay.
         assert_eq!(items(&q.take_batch(2)), vec![1, 2, 3, 4]);
+        assert!(q.should_flush(now));
         assert_eq!(items(&q.take_batch(1)), vec![5, 6, 7]);
-        // More idle instances than inputs: one each.
+        // Nothing is left over from that split: new arrivals wait out the delay again.
         q.push(8, 10, now);
         q.push(9, 10, now);
+        assert!(!q.should_flush(now));
+        // More idle instances than inputs: one each.
         assert_eq!(items(&q.take_batch(3)), vec![8]);
+        assert!(q.should_flush(now));
+        assert_eq!(items(&q.take_batch(2)), vec![9]);
+        assert!(!q.should_flush(now));
     }
 
     mod properties {

@@ -311,9 +311,10 @@ mod tests {
     use super::*;
 
     /// Doubles each input and records every batch it saw; optionally waits for a gate first.
+    /// Instances share one gate: each batch takes one pass, whichever instance computes it.
     struct Recorder {
         batches: Arc<Mutex<Vec<Vec<u32>>>>,
-        gate: Option<std::sync::mpsc::Receiver<()>>,
+        gate: Option<Arc<Mutex<std::sync::mpsc::Receiver<()>>>>,
     }
 
     impl BatchEngine for Recorder {
@@ -321,7 +322,7 @@ mod tests {
         type Output = u32;
         fn run(&mut self, inputs: Vec<u32>) -> Result<Vec<u32>, String> {
             if let Some(gate) = &self.gate {
-                let _ = gate.recv();
+                let _ = gate.lock().unwrap().recv();
             }
             if inputs.contains(&666) {
                 panic!("the test asked for a panic");
@@ -343,11 +344,10 @@ mod tests {
         capacity: usize,
         gated: bool,
     ) -> (Batcher<Recorder>, Seen, Option<std::sync::mpsc::Sender<()>>) {
-        let (b, seen, mut gates) = instances(1, size, tokens, delay_ms, capacity, gated);
-        (b, seen, gates.pop())
+        instances(1, size, tokens, delay_ms, capacity, gated)
     }
 
-    /// `n` engine instances sharing one record of batches, each with its own gate if `gated`.
+    /// `n` engine instances sharing one record of batches, and one gate if `gated`.
     fn instances(
         n: usize,
         size: usize,
@@ -355,19 +355,14 @@ mod tests {
         delay_ms: u64,
         capacity: usize,
         gated: bool,
-    ) -> (Batcher<Recorder>, Seen, Vec<std::sync::mpsc::Sender<()>>) {
+    ) -> (Batcher<Recorder>, Seen, Option<std::sync::mpsc::Sender<()>>) {
         let batches = Arc::new(Mutex::new(Vec::new()));
-        let mut gates = Vec::new();
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel();
+        let gate_rx = Arc::new(Mutex::new(gate_rx));
         let engines = (0..n)
-            .map(|_| {
-                let (gate_tx, gate_rx) = std::sync::mpsc::channel();
-                if gated {
-                    gates.push(gate_tx);
-                }
-                Recorder {
-                    batches: batches.clone(),
-                    gate: gated.then_some(gate_rx),
-                }
+            .map(|_| Recorder {
+                batches: batches.clone(),
+                gate: gated.then(|| gate_rx.clone()),
             })
             .collect();
         let policy = BatchPolicy {
@@ -378,7 +373,7 @@ mod tests {
             instances: n,
         };
         let b = Batcher::spawn("m", engines, policy, BatcherMetrics::detached()).unwrap();
-        (b, batches, gates)
+        (b, batches, gated.then_some(gate_tx))
     }
 
     async fn answers(replies: Vec<Reply<u32>>) -> Vec<Result<u32, BatchError>> {
@@ -436,14 +431,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_instances_split_a_request_and_a_busy_one_gets_none_of_it() {
-        // Both idle: a request of 10 goes out as two batches of 5 at once.
-        let (b, seen, gates) = instances(2, 32, 1000, 0, 64, true);
+        // Both idle: a request of 10 (more than a batch of 8) goes out as two batches of 5, both
+        // at once: the second does not wait out the queue delay for company.
+        let (b, seen, gate) = instances(2, 8, 1000, 50, 64, true);
+        let gate = gate.unwrap();
+        let start = Instant::now();
         let replies = b.submit((1..=10).map(|i| (i, 10)).collect()).unwrap();
         // Both batches go out before either instance may finish (and count as idle again).
         tokio::task::yield_now().await;
-        gates.iter().for_each(|g| g.send(()).unwrap());
+        (0..2).for_each(|_| gate.send(()).unwrap());
         let want: Vec<u32> = (1..=10).map(|i| i * 2).collect();
         assert_eq!(answers(replies).await, ok(&want));
+        // The paused clock moves only when a timer is all that is left: none was.
+        assert_eq!(start.elapsed(), Duration::ZERO);
         let mut sizes: Vec<usize> = seen.lock().unwrap().iter().map(Vec::len).collect();
         sizes.sort_unstable();
         assert_eq!(sizes, vec![5, 5]);
@@ -451,11 +451,11 @@ mod tests {
         // One instance busy (held at its gate): the idle one takes all that arrives.
         seen.lock().unwrap().clear();
         let first = b.submit(vec![(1, 10)]).unwrap();
-        // Let the first batch reach a (blocked) compute thread.
-        tokio::task::yield_now().await;
+        // The lone input goes after the queue delay, to an instance that then blocks.
+        tokio::time::sleep(Duration::from_millis(60)).await;
         let rest = b.submit((2..=9).map(|i| (i, 10)).collect()).unwrap();
         tokio::task::yield_now().await;
-        gates.iter().for_each(|g| g.send(()).unwrap());
+        (0..2).for_each(|_| gate.send(()).unwrap());
         assert_eq!(answers(first).await, ok(&[2]));
         let want: Vec<u32> = (2..=9).map(|i| i * 2).collect();
         assert_eq!(answers(rest).await, ok(&want));
