@@ -304,7 +304,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert!(n >= 5, "expected the five shipped scenarios, found {n}");
+        assert!(n >= 6, "expected the six shipped scenarios, found {n}");
     }
 
     fn load_error(text: &str) -> String {
