@@ -38,12 +38,13 @@ impl AddNorm {
         norm_rows(x, residual, &self.weight, &self.bias, self.eps, out);
     }
 
+    /// `name`: the op's form (with or without the residual), for the errors.
     fn run(
         &self,
+        name: &str,
         x: (&CpuStorage, &Layout),
         residual: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = "add-layer-norm";
         let data = super::contiguous_f32(name, x.0, x.1)?;
         let shape = x.1.shape();
         let width = shape.dims().last().copied().unwrap_or(0);
@@ -72,7 +73,7 @@ impl CustomOp1 for AddNorm {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((x, layout), None)
+        self.run(CustomOp1::name(self), (x, layout), None)
     }
 }
 
@@ -88,7 +89,11 @@ impl CustomOp2 for AddNorm {
         residual: &CpuStorage,
         residual_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((x, x_layout), Some((residual, residual_layout)))
+        self.run(
+            CustomOp2::name(self),
+            (x, x_layout),
+            Some((residual, residual_layout)),
+        )
     }
 }
 
@@ -258,9 +263,20 @@ mod tests {
         let x = Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap();
         let wide = Tensor::zeros((2, 5), candle_core::DType::F32, &dev).unwrap();
         let short = Tensor::zeros((1, 4), candle_core::DType::F32, &dev).unwrap();
-        assert!(wide.apply_op1_no_bwd(&op).is_err());
-        assert!(x.apply_op2_no_bwd(&short, &op).is_err());
+        // Each error names the form that failed and what was wrong.
+        let err = |r: candle_core::Result<Tensor>| r.unwrap_err().to_string();
+        let e = err(wide.apply_op1_no_bwd(&op));
+        assert!(
+            e.contains("layer-norm: rows of 5") && !e.contains("add-"),
+            "{e}"
+        );
+        let e = err(x.apply_op2_no_bwd(&short, &op));
+        assert!(e.contains("add-layer-norm: residual"), "{e}");
         let bf16 = x.to_dtype(candle_core::DType::BF16).unwrap();
-        assert!(bf16.apply_op1_no_bwd(&op).is_err());
+        let e = err(bf16.apply_op1_no_bwd(&op));
+        assert!(
+            e.contains("layer-norm takes f32") && !e.contains("add-"),
+            "{e}"
+        );
     }
 }
