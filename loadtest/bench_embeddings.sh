@@ -3,10 +3,12 @@
 #   1. Ember with dynamic batching (the demo model.toml) and with max_batch_size = 1, each driven
 #      by ember-loadtest at concurrency 1, 8 and 32 with short (12-token) and medium (60-token)
 #      texts;
-#   2. side by side, the peer client of ../shared/bench (Ember over HTTP vs sentence-transformers
+#   2. the forward pass alone (benches/embed_forward.rs) of one short text and of 32, and from it
+#      the most batching can save per short text on this CPU, beside what it saved served;
+#   3. side by side, the peer client of ../shared/bench (Ember over HTTP vs sentence-transformers
 #      in-process, batch 32, 2 torch threads, same texts).
 # Loopback only, every level bounded in time. PYTHON must have sentence-transformers + torch for
-# step 2 (e.g. a venv made with `pip install sentence-transformers`); without it step 2 is skipped
+# step 3 (e.g. a venv made with `pip install sentence-transformers`); without it step 3 is skipped
 # loudly.
 # CONCURRENCY (default 1,8,32) picks the levels; the server inherits the environment, so e.g.
 # EMBER_AMX=0 measures without AMX tiles.
@@ -24,11 +26,15 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
 # shellcheck source=loadtest/bench_lib.sh
 source loadtest/bench_lib.sh
 
-load() { # port label
+load() { # port label; the table also goes to $out/label.txt
   for tokens in 12 60; do
     target/release/ember-loadtest --url "http://127.0.0.1:$1" --tokenizer "$weights/tokenizer.json" \
       --tokens "$tokens" --concurrency "${CONCURRENCY:-1,8,32}" --secs "$secs" --label "$2" | grep -v '^\['
-  done
+  done | tee "$out/$2.txt"
+}
+
+short_c32() { # label: sentences/s of short texts at concurrency 32, or nothing
+  awk '$2 == 12 && $3 == 32 { print $6 }' "$out/$1.txt"
 }
 
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
@@ -42,6 +48,16 @@ embed_repo "$out/repo1" 1
 start "$out/repo1" 18082
 load 18082 batch=1
 kill "$server"; wait "$server" 2>/dev/null || true
+
+echo "== the forward pass alone, one thread (cargo bench --bench embed_forward)"
+EMBER_BENCH_SHAPES=1x12,32x12 cargo bench --locked --bench embed_forward 2>/dev/null | tee "$out/forward.txt"
+awk -v served="$(short_c32 batching)" -v one="$(short_c32 batch=1)" '
+  $1 == "1x12" { a = $3 } $1 == "32x12" { b = $3 }
+  END {
+    printf "batching on short texts: at most %.2fx per text in the forward pass alone", b / a
+    if (served != "" && one != "") printf "; served at concurrency 32: %.2fx", served / one
+    print ""
+  }' "$out/forward.txt"
 
 echo "== side by side with sentence-transformers (shared/bench/embed_side_by_side.py)"
 if "$python" -c 'import sentence_transformers' 2>/dev/null; then
