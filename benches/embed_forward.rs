@@ -1,6 +1,7 @@
 //! `cargo bench --bench embed_forward`: the encoder's forward pass alone on the real
 //! all-MiniLM-L6-v2, per batch shape (inputs × tokens), median of repeated runs. Pins candle to
 //! one thread per instance as `ember serve` does, unless RAYON_NUM_THREADS is set.
+//! EMBER_CPU_ISA caps the kernels as `ember serve --cpu-isa` does.
 
 use std::time::Instant;
 
@@ -15,6 +16,8 @@ fn main() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
+    ember::engine::cpu::set_cap_from_env().unwrap();
+    println!("CPU kernels: {}", ember::engine::cpu::widest());
     let dir =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2/weights");
     assert!(

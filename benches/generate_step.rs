@@ -3,7 +3,8 @@
 //! with a 64-token context), medians of repeated runs. RAYON_NUM_THREADS picks the threads
 //! (default: all cores, as `ember serve` gives a generation-only repository);
 //! EMBER_BENCH_NUMERICS the model's `numerics` (`llama.cpp`, the default, or `fast`);
-//! EMBER_BENCH_STEPS the decode steps timed per count (default 40).
+//! EMBER_BENCH_STEPS the decode steps timed per count (default 40); EMBER_CPU_ISA caps the
+//! kernels as `ember serve --cpu-isa` does.
 
 use std::time::Instant;
 
@@ -21,6 +22,8 @@ fn main() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
     }
+    ember::engine::cpu::set_cap_from_env().unwrap();
+    println!("CPU kernels: {}", ember::engine::cpu::widest());
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("models/SmolLM2-135M-Instruct/weights/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(file.is_file(), "run models/fetch.sh first");

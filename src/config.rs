@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::engine::cpu::Isa;
 use crate::engine::DeviceSpec;
 use crate::server::auth::{AccessPolicy, Secret};
 use crate::server::limits::Limits;
@@ -69,6 +70,11 @@ pub struct ServeArgs {
     /// largest `batching.instances` of the repository.
     #[arg(long, env = "EMBER_COMPUTE_THREADS", default_value_t = 0)]
     pub compute_threads: usize,
+
+    /// The widest instruction set Ember's CPU kernels may use (portable, avx2, avx512, amx);
+    /// unset: all the CPU has.
+    #[arg(long, env = "EMBER_CPU_ISA")]
+    pub cpu_isa: Option<Isa>,
 
     /// Log format on stderr.
     #[arg(long, env = "EMBER_LOG_FORMAT", value_enum, default_value = "text")]

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use ember::config::{Cli, Command, LogFormat, ServeArgs};
+use ember::engine::cpu::{self, Isa};
 use ember::metrics::Metrics;
 use ember::registry::{self, ModelRegistry};
 use ember::repository::ModelSpec;
@@ -49,6 +50,12 @@ fn main() -> ExitCode {
         }
     };
     set_compute_threads(&args, &specs);
+    if let Some(isa) = args.cpu_isa {
+        if let Err(e) = cpu::set_cap(isa) {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -156,6 +163,9 @@ async fn run(command: Command, specs: Vec<ModelSpec>, guards: Guards) -> anyhow:
         metrics: Arc::new(Metrics::new()),
         health: Arc::new(Health::default()),
     };
+    let (isa, cap) = (cpu::widest().name(), args.cpu_isa.map_or("none", Isa::name));
+    tracing::info!(isa, cap, "CPU kernels");
+    state.metrics.set_cpu_kernels(isa, cap);
     let app = match &command {
         Command::Serve(_) => server::router(state.clone()),
         #[cfg(feature = "edge")]

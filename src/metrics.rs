@@ -51,6 +51,7 @@ pub struct Metrics {
     pub model_parameters: IntGaugeVec,
     pub model_load_failed: IntGaugeVec,
     pub ready: IntGauge,
+    cpu_kernels_info: IntGaugeVec,
     time_to_first_token_seconds: HistogramVec,
     time_per_output_token_seconds: HistogramVec,
     generation_duration_seconds: HistogramVec,
@@ -186,6 +187,15 @@ impl Metrics {
                 "1 when the server is ready: models loaded (see --strict-readiness) and not draining.",
             )
             .expect("valid gauge"),
+            cpu_kernels_info: IntGaugeVec::new(
+                Opts::new(
+                    "ember_cpu_kernels_info",
+                    "1, labelled with the widest instruction set Ember's CPU kernels use here and \
+                     the --cpu-isa cap (none: all the CPU has).",
+                ),
+                &["isa", "cap"],
+            )
+            .expect("valid gauge"),
             time_to_first_token_seconds: histogram(
                 "ember_time_to_first_token_seconds",
                 "From a generation request's arrival to its first generated token.",
@@ -264,6 +274,7 @@ impl Metrics {
             Box::new(m.model_parameters.clone()),
             Box::new(m.model_load_failed.clone()),
             Box::new(m.ready.clone()),
+            Box::new(m.cpu_kernels_info.clone()),
             Box::new(m.time_to_first_token_seconds.clone()),
             Box::new(m.time_per_output_token_seconds.clone()),
             Box::new(m.generation_duration_seconds.clone()),
@@ -280,6 +291,11 @@ impl Metrics {
                 .expect("each metric is registered once");
         }
         m
+    }
+
+    /// Records which CPU kernels this process runs (after any cap was set).
+    pub fn set_cpu_kernels(&self, isa: &str, cap: &str) {
+        self.cpu_kernels_info.with_label_values(&[isa, cap]).set(1);
     }
 
     pub fn batcher(&self, model: &str) -> BatcherMetrics {

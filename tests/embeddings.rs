@@ -38,7 +38,11 @@ async fn embeddings_match_the_reference_one_by_one_and_in_one_request() {
         assert_eq!(body["usage"]["truncated_inputs"], case.truncated as usize);
     }
 
-    // Every text in one request: results come back in input order.
+    every_text_in_one_request_matches(&server, &cases).await;
+}
+
+/// Every text in one request: results come back in input order, each meeting the bar.
+async fn every_text_in_one_request_matches(server: &Server, cases: &[ReferenceCase]) {
     let texts: Vec<&str> = cases.iter().map(|c| c.text.as_str()).collect();
     let (status, body) = server
         .post("/v1/embeddings", json!({"model": MINILM, "input": texts}))
@@ -61,6 +65,47 @@ async fn embeddings_match_the_reference_one_by_one_and_in_one_request() {
     let truncated = cases.iter().filter(|c| c.truncated).count();
     assert!(truncated >= 3);
     assert_eq!(body["usage"]["truncated_inputs"], truncated);
+}
+
+/// The narrower kernel families (`--cpu-isa`: AVX2, and portable code with candle's f32
+/// matmul) serve the reference too, so a CI machine with AVX-512 checks what older CPUs run.
+/// The metric shows the cap took hold.
+#[tokio::test(flavor = "multi_thread")]
+async fn capped_cpu_kernels_serve_the_reference() {
+    let cases = reference_cases();
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    for (cap, runs) in [
+        ("portable", "portable"),
+        ("avx2", if avx2 { "avx2" } else { "portable" }),
+    ] {
+        let repository = repository_with(&[(MINILM, "max_batch_size = 32")]);
+        let server = Server::start(&repository, &["--cpu-isa", cap]).await;
+        let text = server.metrics().await;
+        assert_eq!(
+            metric(
+                &text,
+                &format!("ember_cpu_kernels_info{{cap=\"{cap}\",isa=\"{runs}\"}}")
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        every_text_in_one_request_matches(&server, &cases).await;
+    }
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .env("EMBER_CPU_ISA", "avx512bf16")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"avx512bf16\"") && stderr.contains("portable, avx2, avx512 or amx"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

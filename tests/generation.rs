@@ -11,11 +11,13 @@ use serde_json::{json, Value};
 
 /// A server with only the generation model, so these tests do not pay for the encoder.
 async fn server(generate_table: &str) -> Server {
-    Server::start(
-        &smollm_repository(generate_table),
-        &["--compute-threads", "2"],
-    )
-    .await
+    server_with(generate_table, &[]).await
+}
+
+async fn server_with(generate_table: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--compute-threads", "2"];
+    args.extend(extra);
+    Server::start(&smollm_repository(generate_table), &args).await
 }
 
 fn chat(content: &str, max_tokens: u64) -> Value {
@@ -74,7 +76,26 @@ fn streamed_chat_text(events: &[String]) -> (String, String) {
 
 #[tokio::test]
 async fn completions_and_chat_equal_llama_cpp_greedy() {
-    let server = server("").await;
+    greedy_equals_llama_cpp(&server("").await).await;
+}
+
+/// What CPUs without AVX-512 run (`--cpu-isa avx2`: the AVX2 forms of the quantized matmuls,
+/// attention, softmax and SwiGLU) gives llama.cpp's tokens too, near ties included.
+#[tokio::test]
+async fn the_avx2_kernels_equal_llama_cpp_greedy_too() {
+    let server = server_with("", &["--cpu-isa", "avx2"]).await;
+    let isa = capped_isa("avx2");
+    assert_eq!(
+        metric(
+            &server.metrics().await,
+            &format!("ember_cpu_kernels_info{{cap=\"avx2\",isa=\"{isa}\"}}")
+        ),
+        Some(1.0)
+    );
+    greedy_equals_llama_cpp(&server).await;
+}
+
+async fn greedy_equals_llama_cpp(server: &Server) {
     let f = fixture("smollm2_greedy.json");
     // Prompt tokens each answer says came from the prefix cache, summed.
     let mut cached_in_usage = 0;
@@ -88,7 +109,7 @@ async fn completions_and_chat_equal_llama_cpp_greedy() {
     // Every case, near ties included: the CPU forward pass does llama.cpp's arithmetic
     // operation for operation (engine/generate/ggml.rs), so greedy picks its tokens.
     for case in f["completion"].as_array().unwrap() {
-        let (status, body) = greedy_completion(&server, &case["prompt"]).await;
+        let (status, body) = greedy_completion(server, &case["prompt"]).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(
             body["choices"][0]["text"], case["greedy_text"],

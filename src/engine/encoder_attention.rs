@@ -190,10 +190,10 @@ mod lanes {
         pub fn detect() -> Self {
             #[cfg(target_arch = "x86_64")]
             {
-                if std::arch::is_x86_feature_detected!("avx512f") {
+                if crate::engine::cpu::avx512() {
                     return Self(Form::Avx512);
                 }
-                if crate::engine::avx2_fma() {
+                if crate::engine::cpu::avx2_fma() {
                     return Self(Form::Avx2);
                 }
             }

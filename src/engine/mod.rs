@@ -4,6 +4,7 @@
 mod add_norm;
 pub mod bert;
 mod bf16_linear;
+pub mod cpu;
 pub mod embed;
 mod encoder_attention;
 #[cfg(feature = "generate")]
@@ -18,20 +19,8 @@ use std::path::PathBuf;
 #[repr(C, align(64))]
 pub(crate) struct CacheLine(pub(crate) [u8; 64]);
 
-/// Whether the CPU has AVX2 and FMA: every 256-bit kernel form here needs both.
-pub(crate) fn avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Defines `fn $name` to run its body compiled for AVX-512 or AVX2, with hardware fused
-/// multiply-add, where the CPU has them: the loops vectorize at the widest width, and
+/// multiply-add, where the CPU has them and the cap (`cpu`) allows them: the loops vectorize at the widest width, and
 /// `f32::mul_add` is one instruction instead of a call into libm (exact but a hundred times
 /// slower). Every path computes the same numbers.
 macro_rules! fma_dispatched {
@@ -50,11 +39,11 @@ macro_rules! fma_dispatched {
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
-                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                if $crate::engine::cpu::avx512() {
                     // SAFETY: the features were just detected.
                     return unsafe { avx512($($arg),*) };
                 }
-                if $crate::engine::avx2_fma() {
+                if $crate::engine::cpu::avx2_fma() {
                     // SAFETY: as above.
                     return unsafe { avx2($($arg),*) };
                 }

@@ -367,6 +367,19 @@ pub fn batches(model: &str, metrics: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// The kernel family `ember serve --cpu-isa <cap>` runs on this CPU, for caps up to `avx2`.
+pub fn capped_isa(cap: &str) -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    match cap {
+        "avx2" if avx2 => "avx2",
+        "avx2" | "portable" => "portable",
+        other => panic!("capped_isa covers portable and avx2, not {other}"),
+    }
+}
+
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();

@@ -232,6 +232,10 @@ spec:
         - name: EMBER_REQUEST_TIMEOUT_SECS
           value: {{ . | quote }}
         {{- end }}
+        {{- with .Values.server.cpuIsa }}
+        - name: EMBER_CPU_ISA
+          value: {{ . | quote }}
+        {{- end }}
         {{- if .Values.auth.enabled }}
         - name: EMBER_API_KEY_FILE
           value: /etc/ember/auth/api-keys

@@ -17,13 +17,10 @@ use std::sync::OnceLock;
 pub const TILE: usize = 16;
 
 /// Whether the tiles can be used in this process: the CPU has AMX-BF16, the OS saves tile state,
-/// and the kernel granted this process the tile data. `EMBER_AMX=0` turns them off.
+/// and the kernel granted this process the tile data.
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        if std::env::var("EMBER_AMX").is_ok_and(|v| v == "0") {
-            return false;
-        }
         // Safety: CPUID and XGETBV exist on every x86_64 CPU this binary can run on; XGETBV is
         // only executed once CPUID says the OS enabled it (OSXSAVE).
         unsafe {

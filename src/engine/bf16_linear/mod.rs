@@ -20,9 +20,10 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
+use super::cpu::{self, avx2_fma};
 #[cfg(target_arch = "x86_64")]
 use super::first_lanes;
-use super::{avx2_fma, CacheLine};
+use super::CacheLine;
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -74,8 +75,7 @@ impl Kernel {
     fn best() -> Self {
         static BEST: OnceLock<Kernel> = OnceLock::new();
         *BEST.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            if amx::available() {
+            if amx_available() {
                 return Kernel::Amx;
             }
             if native_supported() {
@@ -117,12 +117,24 @@ impl Kernel {
     }
 }
 
-/// Whether this CPU has the instruction the AVX-512 kernel needs (every CPU with AMX-BF16 has it).
+/// Whether this CPU has the instruction the AVX-512 kernel needs (every CPU with AMX-BF16 has
+/// it), and the cap allows it.
 pub fn native_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
+        cpu::avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the AMX tiles may be used: the cap allows them and `amx::available`.
+pub fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        cpu::allows(cpu::Isa::Amx) && amx::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -598,8 +610,7 @@ mod tests {
         if native_supported() {
             kernels.push(Kernel::Avx512);
         }
-        #[cfg(target_arch = "x86_64")]
-        if amx::available() {
+        if amx_available() {
             kernels.push(Kernel::Amx);
         }
         eprintln!("bf16 kernels checked: {kernels:?}");

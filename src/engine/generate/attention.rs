@@ -149,9 +149,8 @@ impl Kernels {
     fn detect(head_dim: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
         if head_dim.is_multiple_of(64)
-            && is_x86_feature_detected!("avx512f")
+            && crate::engine::cpu::avx512()
             && is_x86_feature_detected!("f16c")
-            && is_x86_feature_detected!("fma")
         {
             return Kernels::Avx512;
         }

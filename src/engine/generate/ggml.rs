@@ -68,7 +68,7 @@ pub fn silu(x: f32) -> f32 {
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len());
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
+    if crate::engine::cpu::avx512() {
         // SAFETY: the feature was just detected; lengths are asserted above.
         unsafe { x86::swiglu(gate, up, out) };
         return;
@@ -139,7 +139,7 @@ crate::engine::fma_dispatched! {
 /// position 0.
 pub fn softmax(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
+    if crate::engine::cpu::avx512() {
         // SAFETY: the feature was just detected.
         unsafe { x86::softmax(x) };
         return;

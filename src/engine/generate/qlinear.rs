@@ -98,16 +98,14 @@ impl Isa {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f")
+            use crate::engine::cpu;
+            if cpu::avx512()
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")
             {
                 return Isa::Avx512Vnni;
             }
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("f16c")
-                && is_x86_feature_detected!("fma")
-            {
+            if cpu::avx2_fma() && is_x86_feature_detected!("f16c") {
                 return Isa::Avx2;
             }
         }
