@@ -494,13 +494,7 @@ async fn settings_come_from_a_config_file_and_bad_keys_are_named() {
         "upstream = \"http://127.0.0.1:9\"\nupstreem_retries = 2\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(["edge", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_start(&["edge", "--config", config.to_str().unwrap()], &[]);
     assert!(
         stderr.contains("unknown key `upstreem_retries`") && stderr.contains("edge.toml"),
         "{stderr}"

@@ -95,13 +95,10 @@ async fn capped_cpu_kernels_serve_the_reference() {
         every_text_in_one_request_matches(&server, &cases).await;
     }
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(["serve", "--addr", "127.0.0.1:0"])
-        .env("EMBER_CPU_ISA", "avx512bf16")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_start(
+        &["serve", "--addr", "127.0.0.1:0"],
+        &[("EMBER_CPU_ISA", "avx512bf16")],
+    );
     assert!(
         stderr.contains("\"avx512bf16\"") && stderr.contains("portable, avx2, avx512 or amx"),
         "{stderr}"

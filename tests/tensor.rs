@@ -584,18 +584,16 @@ async fn an_unsupported_operator_fails_its_model_only() {
 fn a_repository_where_nothing_loads_stops_the_server() {
     let repo = temp_repository();
     add_model(&repo, "broken", b"not a protobuf".to_vec(), "");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args([
+    let log = refused_start(
+        &[
             "serve",
             "--models",
             repo.to_str().unwrap(),
             "--addr",
             "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let log = String::from_utf8_lossy(&out.stderr);
+        ],
+        &[],
+    );
     assert!(
         log.contains("broken") && log.contains("not an ONNX model"),
         "{log}"

@@ -164,27 +164,25 @@ async fn bad_certificate_files_stop_start_up_with_their_names() {
         (&pki.cert, &other.key, "do not make a usable pair"),
     ];
     for (cert, key, expected) in cases {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
-            .args(["serve", "--addr", "127.0.0.1:0", "--models"])
-            .arg(&models)
-            .arg("--tls-cert")
-            .arg(cert)
-            .arg("--tls-key")
-            .arg(key)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "started with {cert:?} {key:?}");
+        let stderr = refused_start(
+            &[
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--models",
+                models.to_str().unwrap(),
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+            ],
+            &[],
+        );
         assert!(stderr.contains(expected), "{expected:?} not in {stderr}");
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(["serve", "--tls-cert"])
-        .arg(&pki.cert)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let stderr = refused_start(&["serve", "--tls-cert", pki.cert.to_str().unwrap()], &[]);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--tls-key"),
+        stderr.contains("--tls-key"),
         "a certificate without its key is refused"
     );
 }

@@ -367,6 +367,19 @@ pub fn batches(model: &str, metrics: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// Runs the binary with `args` and `env` to its end, which must be a failure (a start-up it
+/// refuses); returns what it wrote on stderr.
+pub fn refused_start(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("the ember binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "ember {args:?} started: {stderr}");
+    stderr
+}
+
 /// The kernel family `ember serve --cpu-isa <cap>` runs on this CPU, for caps up to `avx2`.
 pub fn capped_isa(cap: &str) -> &'static str {
     #[cfg(target_arch = "x86_64")]
