@@ -136,4 +136,14 @@ mod tests {
         assert!(err.contains("\"avx512bf16\"") && err.contains("portable, avx2, avx512 or amx"));
         assert!(Isa::Portable < Isa::Avx2 && Isa::Avx2 < Isa::Avx512 && Isa::Avx512 < Isa::Amx);
     }
+
+    #[test]
+    fn a_second_different_cap_is_refused_and_the_first_stays() {
+        // `amx` is what no cap means, so the other tests in this process keep every kernel.
+        assert_eq!(set_cap(Isa::Amx), Ok(()));
+        assert_eq!(set_cap(Isa::Amx), Ok(()));
+        let err = set_cap(Isa::Avx2).unwrap_err();
+        assert!(err.contains("at amx") && err.contains("at avx2"), "{err}");
+        assert!(allows(Isa::Amx) && allows(Isa::Portable));
+    }
 }
