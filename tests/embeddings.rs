@@ -73,14 +73,8 @@ async fn every_text_in_one_request_matches(server: &Server, cases: &[ReferenceCa
 #[tokio::test(flavor = "multi_thread")]
 async fn capped_cpu_kernels_serve_the_reference() {
     let cases = reference_cases();
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx2 = false;
-    for (cap, runs) in [
-        ("portable", "portable"),
-        ("avx2", if avx2 { "avx2" } else { "portable" }),
-    ] {
+    for cap in ["portable", "avx2"] {
+        let runs = capped_isa(cap);
         let repository = repository_with(&[(MINILM, "max_batch_size = 32")]);
         let server = Server::start(&repository, &["--cpu-isa", cap]).await;
         let text = server.metrics().await;

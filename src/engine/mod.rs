@@ -20,9 +20,9 @@ use std::path::PathBuf;
 pub(crate) struct CacheLine(pub(crate) [u8; 64]);
 
 /// Defines `fn $name` to run its body compiled for AVX-512 or AVX2, with hardware fused
-/// multiply-add, where the CPU has them and the cap (`cpu`) allows them: the loops vectorize at the widest width, and
-/// `f32::mul_add` is one instruction instead of a call into libm (exact but a hundred times
-/// slower). Every path computes the same numbers.
+/// multiply-add, where the CPU has them and the cap (`cpu`) allows them: the loops vectorize at
+/// the widest width, and `f32::mul_add` is one instruction instead of a call into libm (exact
+/// but a hundred times slower). Every path computes the same numbers.
 macro_rules! fma_dispatched {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
