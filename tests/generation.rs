@@ -35,6 +35,17 @@ async fn greedy_completion(server: &Server, prompt: &Value) -> (u16, Value) {
         .await
 }
 
+/// The greedy answer to a chat of the reference fixture, as llama.cpp's: 24 tokens or up to EOS.
+async fn greedy_chat(server: &Server, case: &Value) -> (u16, Value) {
+    server
+        .post(
+            "/v1/chat/completions",
+            json!({"model": SMOLLM, "messages": case["messages"], "max_tokens": 24,
+                   "temperature": 0}),
+        )
+        .await
+}
+
 /// Sends a streaming request and returns the parsed `data:` payloads (the last is `[DONE]`).
 async fn stream(server: &Server, path: &str, body: Value) -> Vec<String> {
     let response = server
@@ -95,6 +106,47 @@ async fn the_avx2_kernels_equal_llama_cpp_greedy_too() {
     greedy_equals_llama_cpp(&server).await;
 }
 
+/// Portable code (`--cpu-isa portable`: what Arm CPUs, and x86 ones without AVX2, run) gives
+/// llama.cpp's tokens at its nearest ties: the completion and the three chats with the smallest
+/// top-two margins (0.0026–0.0135 logits). The whole set takes 200 s this way, too long for CI.
+#[tokio::test]
+async fn the_portable_kernels_equal_llama_cpp_greedy_at_the_nearest_ties() {
+    let server = server_with("", &["--cpu-isa", "portable"]).await;
+    assert_eq!(
+        metric(
+            &server.metrics().await,
+            "ember_cpu_kernels_info{cap=\"portable\",isa=\"portable\"}"
+        ),
+        Some(1.0)
+    );
+    let f = fixture("smollm2_greedy.json");
+    let nearest = |kind: &str, n: usize| {
+        let smallest = |case: &Value| margins(case).into_iter().fold(f64::MAX, f64::min);
+        let mut cases = f[kind].as_array().unwrap().clone();
+        cases.sort_by(|a, b| smallest(a).total_cmp(&smallest(b)));
+        cases.truncate(n);
+        cases
+    };
+    for case in nearest("completion", 1) {
+        let (status, body) = greedy_completion(&server, &case["prompt"]).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["choices"][0]["text"], case["greedy_text"],
+            "{}",
+            case["prompt"]
+        );
+    }
+    for case in nearest("chat", 3) {
+        let (status, body) = greedy_chat(&server, &case).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["choices"][0]["message"]["content"], case["greedy_text"],
+            "{}",
+            case["prompt"]
+        );
+    }
+}
+
 async fn greedy_equals_llama_cpp(server: &Server) {
     let f = fixture("smollm2_greedy.json");
     // Prompt tokens each answer says came from the prefix cache, summed.
@@ -127,13 +179,7 @@ async fn greedy_equals_llama_cpp(server: &Server) {
     let chats = f["chat"].as_array().unwrap();
     assert!(chats.len() >= 10, "the fixture needs at least 10 chats");
     for case in chats {
-        let (status, body) = server
-            .post(
-                "/v1/chat/completions",
-                json!({"model": SMOLLM, "messages": case["messages"], "max_tokens": 24,
-                       "temperature": 0}),
-            )
-            .await;
+        let (status, body) = greedy_chat(server, case).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(
             body["choices"][0]["message"]["content"], case["greedy_text"],
