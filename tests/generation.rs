@@ -35,15 +35,46 @@ async fn greedy_completion(server: &Server, prompt: &Value) -> (u16, Value) {
         .await
 }
 
-/// The greedy answer to a chat of the reference fixture, as llama.cpp's: 24 tokens or up to EOS.
-async fn greedy_chat(server: &Server, case: &Value) -> (u16, Value) {
-    server
+/// A completion case of the reference fixture: the greedy text is llama.cpp's, 24 tokens from
+/// the prompt's tokens. Returns the answer.
+async fn completion_equals_llama_cpp(server: &Server, case: &Value) -> Value {
+    let (status, body) = greedy_completion(server, &case["prompt"]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["choices"][0]["text"], case["greedy_text"],
+        "{}",
+        case["prompt"]
+    );
+    assert_eq!(body["usage"]["completion_tokens"], 24);
+    assert_eq!(
+        body["usage"]["prompt_tokens"],
+        case["prompt_ids"].as_array().unwrap().len()
+    );
+    body
+}
+
+/// A chat case of the reference fixture: the greedy answer is llama.cpp's, 24 tokens or up to
+/// EOS, with the finish reason to match. Returns the answer.
+async fn chat_equals_llama_cpp(server: &Server, case: &Value) -> Value {
+    let (status, body) = server
         .post(
             "/v1/chat/completions",
             json!({"model": SMOLLM, "messages": case["messages"], "max_tokens": 24,
                    "temperature": 0}),
         )
-        .await
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["choices"][0]["message"]["content"], case["greedy_text"],
+        "{}",
+        case["prompt"]
+    );
+    let stopped = case["stopped_at_eos"].as_bool().unwrap();
+    assert_eq!(
+        body["choices"][0]["finish_reason"],
+        if stopped { "stop" } else { "length" }
+    );
+    body
 }
 
 /// Sends a streaming request and returns the parsed `data:` payloads (the last is `[DONE]`).
@@ -95,14 +126,7 @@ async fn completions_and_chat_equal_llama_cpp_greedy() {
 #[tokio::test]
 async fn the_avx2_kernels_equal_llama_cpp_greedy_too() {
     let server = server_with("", &["--cpu-isa", "avx2"]).await;
-    let isa = capped_isa("avx2");
-    assert_eq!(
-        metric(
-            &server.metrics().await,
-            &format!("ember_cpu_kernels_info{{cap=\"avx2\",isa=\"{isa}\"}}")
-        ),
-        Some(1.0)
-    );
+    assert_capped(&server, "avx2").await;
     greedy_equals_llama_cpp(&server).await;
 }
 
@@ -112,13 +136,7 @@ async fn the_avx2_kernels_equal_llama_cpp_greedy_too() {
 #[tokio::test]
 async fn the_portable_kernels_equal_llama_cpp_greedy_at_the_nearest_ties() {
     let server = server_with("", &["--cpu-isa", "portable"]).await;
-    assert_eq!(
-        metric(
-            &server.metrics().await,
-            "ember_cpu_kernels_info{cap=\"portable\",isa=\"portable\"}"
-        ),
-        Some(1.0)
-    );
+    assert_capped(&server, "portable").await;
     let f = fixture("smollm2_greedy.json");
     let nearest = |kind: &str, n: usize| {
         let smallest = |case: &Value| margins(case).into_iter().fold(f64::MAX, f64::min);
@@ -128,22 +146,10 @@ async fn the_portable_kernels_equal_llama_cpp_greedy_at_the_nearest_ties() {
         cases
     };
     for case in nearest("completion", 1) {
-        let (status, body) = greedy_completion(&server, &case["prompt"]).await;
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(
-            body["choices"][0]["text"], case["greedy_text"],
-            "{}",
-            case["prompt"]
-        );
+        completion_equals_llama_cpp(&server, &case).await;
     }
     for case in nearest("chat", 3) {
-        let (status, body) = greedy_chat(&server, &case).await;
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(
-            body["choices"][0]["message"]["content"], case["greedy_text"],
-            "{}",
-            case["prompt"]
-        );
+        chat_equals_llama_cpp(&server, &case).await;
     }
 }
 
@@ -161,37 +167,13 @@ async fn greedy_equals_llama_cpp(server: &Server) {
     // Every case, near ties included: the CPU forward pass does llama.cpp's arithmetic
     // operation for operation (engine/generate/ggml.rs), so greedy picks its tokens.
     for case in f["completion"].as_array().unwrap() {
-        let (status, body) = greedy_completion(server, &case["prompt"]).await;
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(
-            body["choices"][0]["text"], case["greedy_text"],
-            "{}",
-            case["prompt"]
-        );
-        assert_eq!(body["usage"]["completion_tokens"], 24);
-        assert_eq!(
-            body["usage"]["prompt_tokens"],
-            case["prompt_ids"].as_array().unwrap().len()
-        );
-        add_cached(&body);
+        add_cached(&completion_equals_llama_cpp(server, case).await);
     }
     // Chats (issue 4 asks for at least ten): the first 24 tokens, or up to EOS.
     let chats = f["chat"].as_array().unwrap();
     assert!(chats.len() >= 10, "the fixture needs at least 10 chats");
     for case in chats {
-        let (status, body) = greedy_chat(server, case).await;
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(
-            body["choices"][0]["message"]["content"], case["greedy_text"],
-            "{}",
-            case["prompt"]
-        );
-        let stopped = case["stopped_at_eos"].as_bool().unwrap();
-        assert_eq!(
-            body["choices"][0]["finish_reason"],
-            if stopped { "stop" } else { "length" }
-        );
-        add_cached(&body);
+        add_cached(&chat_equals_llama_cpp(server, case).await);
     }
     // The chats share the template's system prompt: later ones copied its KV cache from the
     // prefix cache, and still gave llama.cpp's tokens. Each answer's usage says how much.

@@ -80,7 +80,8 @@ pub fn allows(isa: Isa) -> bool {
     isa <= *CAP.get_or_init(|| Isa::Amx)
 }
 
-/// The widest family this CPU has within the cap, for the start-up log.
+/// The widest family this CPU has within the cap, for the start-up log and
+/// `ember_cpu_kernels_info`.
 pub fn widest() -> Isa {
     if super::bf16_linear::amx_available() {
         return Isa::Amx;

@@ -380,8 +380,23 @@ pub fn refused_start(args: &[&str], env: &[(&str, &str)]) -> String {
     stderr
 }
 
+/// That the server's metrics show its CPU kernels capped at `cap` (`--cpu-isa`), running what
+/// this CPU has within it.
+pub async fn assert_capped(server: &Server, cap: &str) {
+    let text = server.metrics().await;
+    let runs = capped_isa(cap);
+    assert_eq!(
+        metric(
+            &text,
+            &format!("ember_cpu_kernels_info{{cap=\"{cap}\",isa=\"{runs}\"}}")
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
 /// The kernel family `ember serve --cpu-isa <cap>` runs on this CPU, for caps up to `avx2`.
-pub fn capped_isa(cap: &str) -> &'static str {
+fn capped_isa(cap: &str) -> &'static str {
     #[cfg(target_arch = "x86_64")]
     let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
