@@ -71,8 +71,8 @@ pub struct ServeArgs {
     #[arg(long, env = "EMBER_COMPUTE_THREADS", default_value_t = 0)]
     pub compute_threads: usize,
 
-    /// The widest instruction set Ember's CPU kernels may use (portable, avx2, avx512, amx);
-    /// unset: all the CPU has.
+    /// The widest instruction set Ember's CPU kernels may use (portable, avx2, avx512-core,
+    /// avx512, amx); unset: all the CPU has.
     #[arg(long, env = "EMBER_CPU_ISA")]
     pub cpu_isa: Option<Isa>,
 

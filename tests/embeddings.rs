@@ -73,7 +73,7 @@ async fn every_text_in_one_request_matches(server: &Server, cases: &[ReferenceCa
 #[tokio::test(flavor = "multi_thread")]
 async fn capped_cpu_kernels_serve_the_reference() {
     let cases = reference_cases();
-    for cap in ["portable", "avx2"] {
+    for cap in ["portable", "avx2", "avx512-core"] {
         let repository = repository_with(&[(MINILM, "max_batch_size = 32")]);
         let server = Server::start(&repository, &["--cpu-isa", cap]).await;
         assert_capped(&server, cap).await;
@@ -85,7 +85,8 @@ async fn capped_cpu_kernels_serve_the_reference() {
         &[("EMBER_CPU_ISA", "avx512bf16")],
     );
     assert!(
-        stderr.contains("\"avx512bf16\"") && stderr.contains("portable, avx2, avx512 or amx"),
+        stderr.contains("\"avx512bf16\"")
+            && stderr.contains("portable, avx2, avx512-core, avx512 or amx"),
         "{stderr}"
     );
 }

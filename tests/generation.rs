@@ -122,12 +122,16 @@ async fn completions_and_chat_equal_llama_cpp_greedy() {
 }
 
 /// What CPUs without AVX-512 run (`--cpu-isa avx2`: the AVX2 forms of the quantized matmuls,
-/// attention, softmax and SwiGLU) gives llama.cpp's tokens too, near ties included.
+/// attention, softmax and SwiGLU), and what AVX-512 CPUs without VNNI run (`avx512-core`,
+/// Skylake-SP: AVX2 quantized matmuls beside AVX-512 attention), give llama.cpp's tokens too,
+/// near ties included.
 #[tokio::test]
-async fn the_avx2_kernels_equal_llama_cpp_greedy_too() {
-    let server = server_with("", &["--cpu-isa", "avx2"]).await;
-    assert_capped(&server, "avx2").await;
-    greedy_equals_llama_cpp(&server).await;
+async fn the_narrower_kernels_equal_llama_cpp_greedy_too() {
+    for cap in ["avx2", "avx512-core"] {
+        let server = server_with("", &["--cpu-isa", cap]).await;
+        assert_capped(&server, cap).await;
+        greedy_equals_llama_cpp(&server).await;
+    }
 }
 
 /// Portable code (`--cpu-isa portable`: what Arm CPUs, and x86 ones without AVX2, run) gives

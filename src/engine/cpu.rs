@@ -16,19 +16,30 @@ pub enum Isa {
     Portable,
     /// 256-bit vectors with FMA (Haswell, Zen 1 and later).
     Avx2,
-    /// 512-bit vectors, with BF16 or VNNI where a kernel needs them.
+    /// 512-bit vectors without VNNI and BF16: AVX-512 F, BW, DQ and VL as Skylake-SP has them
+    /// (oneDNN's `AVX512_CORE`).
+    Avx512Core,
+    /// 512-bit vectors with VNNI and BF16 where the CPU has them (Ice Lake has VNNI; Cooper
+    /// Lake and Zen 4 have both).
     Avx512,
     /// Intel AMX tiles (Sapphire Rapids and later).
     Amx,
 }
 
 impl Isa {
-    const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx];
+    const ALL: [Isa; 5] = [
+        Isa::Portable,
+        Isa::Avx2,
+        Isa::Avx512Core,
+        Isa::Avx512,
+        Isa::Amx,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
+            Isa::Avx512Core => "avx512-core",
             Isa::Avx512 => "avx512",
             Isa::Amx => "amx",
         }
@@ -49,7 +60,9 @@ impl FromStr for Isa {
             .into_iter()
             .find(|isa| isa.name() == s)
             .ok_or_else(|| {
-                format!("unknown instruction set {s:?}; use portable, avx2, avx512 or amx")
+                format!(
+                    "unknown instruction set {s:?}; use portable, avx2, avx512-core, avx512 or amx"
+                )
             })
     }
 }
@@ -86,8 +99,10 @@ pub fn widest() -> Isa {
     if super::bf16_linear::amx_available() {
         return Isa::Amx;
     }
-    if avx512() {
+    if avx512_bf16() || avx512_vnni() {
         Isa::Avx512
+    } else if avx512() {
+        Isa::Avx512Core
     } else if avx2_fma() {
         Isa::Avx2
     } else {
@@ -96,13 +111,41 @@ pub fn widest() -> Isa {
 }
 
 /// AVX-512F with FMA, allowed and present: the 512-bit forms of the kernels. Those that need
-/// more (BF16, VNNI, F16C) check it beside this.
+/// more check it beside this: BF16 and VNNI through `avx512_bf16` and `avx512_vnni`, which the
+/// `avx512-core` cap turns off; F16C and BW, which every AVX-512 server CPU has, directly.
 pub(crate) fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        allows(Isa::Avx512)
+        allows(Isa::Avx512Core)
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `avx512` and AVX-512 BF16 (`vdpbf16ps`), allowed and present.
+pub(crate) fn avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        allows(Isa::Avx512) && avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `avx512` with BW and VNNI (`vpdpbusd`), allowed and present.
+pub(crate) fn avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        allows(Isa::Avx512)
+            && avx512()
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -134,8 +177,11 @@ mod tests {
             assert_eq!(isa.to_string().parse::<Isa>(), Ok(isa));
         }
         let err = "avx512bf16".parse::<Isa>().unwrap_err();
-        assert!(err.contains("\"avx512bf16\"") && err.contains("portable, avx2, avx512 or amx"));
-        assert!(Isa::Portable < Isa::Avx2 && Isa::Avx2 < Isa::Avx512 && Isa::Avx512 < Isa::Amx);
+        assert!(err.contains("\"avx512bf16\"") && err.contains("avx2, avx512-core, avx512 or amx"));
+        assert!(
+            Isa::ALL.windows(2).all(|w| w[0] < w[1]),
+            "ALL is narrowest first"
+        );
     }
 
     #[test]

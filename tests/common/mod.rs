@@ -395,16 +395,21 @@ pub async fn assert_capped(server: &Server, cap: &str) {
     );
 }
 
-/// The kernel family `ember serve --cpu-isa <cap>` runs on this CPU, for caps up to `avx2`.
+/// The kernel family `ember serve --cpu-isa <cap>` runs on this CPU, for caps up to
+/// `avx512-core`.
 fn capped_isa(cap: &str) -> &'static str {
     #[cfg(target_arch = "x86_64")]
-    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let (avx2, avx512) = (
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma"),
+    );
     #[cfg(not(target_arch = "x86_64"))]
-    let avx2 = false;
+    let (avx2, avx512) = (false, false);
     match cap {
-        "avx2" if avx2 => "avx2",
-        "avx2" | "portable" => "portable",
-        other => panic!("capped_isa covers portable and avx2, not {other}"),
+        "avx512-core" if avx512 => "avx512-core",
+        "avx512-core" | "avx2" if avx2 => "avx2",
+        "avx512-core" | "avx2" | "portable" => "portable",
+        other => panic!("capped_isa covers portable, avx2 and avx512-core, not {other}"),
     }
 }
 

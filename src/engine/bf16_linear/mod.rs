@@ -8,7 +8,8 @@
 //! Every output row is computed the same way whatever the batch, so results are batch-invariant.
 //!
 //! Without AVX-512 BF16, CPUs with AVX2 and FMA widen the bf16 values to f32 (exactly: a
-//! shift) and multiply them with FMA. That is the f32 rate, but the weights are packed once at
+//! shift) and multiply them with FMA, 512 bits wide where the CPU has AVX-512F (Skylake-SP to
+//! Ice Lake). That is the f32 rate, but the weights are packed once at
 //! load instead of on every call as a general matmul does, with half the bytes: 1.8× candle's
 //! f32 matmul path for one 12-token text, a few per cent at 16 texts. Other CPUs get a portable
 //! kernel with the same products (slow; `Precision::Auto` does not pick it). Where the CPU has
@@ -41,8 +42,8 @@ const MR: usize = 12;
 /// broadcast + 1 mask. With 6 rows LLVM kept two accumulators on the stack (56 GFLOP/s on a Zen
 /// 3 core against 90 with 5).
 const MR_AVX2: usize = 5;
-/// How many pairs ahead the AVX2 kernel asks for weights (of 192 or 768 per panel).
-const AVX2_AHEAD: usize = 8;
+/// How many pairs ahead the kernels that widen ask for weights (of 192 or 768 per panel).
+const AHEAD: usize = 8;
 
 /// `x · Wᵀ + b` with `W` rounded to bf16 and packed for `vdpbf16ps` and AMX tiles alike.
 pub struct Bf16Linear {
@@ -60,13 +61,16 @@ pub struct Bf16Linear {
     post: Option<fn(&mut [f32])>,
 }
 
-/// The code that computes the products; all three give the same sums up to f32 rounding.
+/// The code that computes the products; all of them give the same sums up to f32 rounding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
     Portable,
     /// AVX2 and FMA, `MR_AVX2` rows × one panel per call: the bf16 values widened to f32
     /// (exactly) and multiplied with FMA, for CPUs without AVX-512 BF16.
     Avx2,
+    /// The same products at 512 bits, `MR` rows × one panel per call, for CPUs with AVX-512 but
+    /// not its BF16 (Skylake-SP to Ice Lake): their two 512-bit FMA units double AVX2's rate.
+    Avx512Fma,
     /// AVX-512 BF16, `MR` rows × one panel per call.
     Avx512,
     /// AMX-BF16 tiles, 32 rows × one panel per call.
@@ -82,6 +86,8 @@ impl Kernel {
             }
             if native_supported() {
                 Kernel::Avx512
+            } else if cpu::avx512() {
+                Kernel::Avx512Fma
             } else if avx2_fma() {
                 Kernel::Avx2
             } else {
@@ -95,24 +101,30 @@ impl Kernel {
     /// weight panel from L3 several times per batch and ran at half the speed at 384 rows.
     fn chunk_bytes(self) -> usize {
         match self {
-            Kernel::Portable | Kernel::Avx2 | Kernel::Avx512 => 256 << 10,
+            Kernel::Portable | Kernel::Avx2 | Kernel::Avx512Fma | Kernel::Avx512 => 256 << 10,
             Kernel::Amx => 1 << 20,
         }
     }
 
-    /// Packed words per activation row: a pair per word, or for AVX2 each value widened to its
-    /// own f32 word, which the kernel broadcasts straight from memory.
+    /// Packed words per activation row: a pair per word, or where the kernel widens (`widens`)
+    /// each value as its own f32 word, which the kernel broadcasts straight from memory.
     fn row_words(self, pairs: usize) -> usize {
-        match self {
-            Kernel::Avx2 => 2 * pairs,
-            _ => pairs,
+        if self.widens() {
+            2 * pairs
+        } else {
+            pairs
         }
+    }
+
+    /// Whether the products are f32 FMAs of bf16 values widened to f32.
+    fn widens(self) -> bool {
+        matches!(self, Kernel::Avx2 | Kernel::Avx512Fma)
     }
 
     /// Rows per call, and the multiple the packed activations are padded to.
     fn rows(self) -> usize {
         match self {
-            Kernel::Portable | Kernel::Avx512 => MR,
+            Kernel::Portable | Kernel::Avx512Fma | Kernel::Avx512 => MR,
             Kernel::Avx2 => MR_AVX2,
             Kernel::Amx => 2 * TILE,
         }
@@ -122,14 +134,7 @@ impl Kernel {
 /// Whether this CPU has the instruction the AVX-512 kernel needs (every CPU with AMX-BF16 has
 /// it), and the cap allows it.
 pub fn native_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        cpu::avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    cpu::avx512_bf16()
 }
 
 /// Whether the AMX tiles may be used: the cap allows them and `amx::available`.
@@ -243,7 +248,7 @@ impl Bf16Linear {
                 dst.fill(0);
                 continue;
             };
-            if kernel == Kernel::Avx2 {
+            if kernel.widens() {
                 widen_row(row, dst);
             } else {
                 pair_row(row, dst);
@@ -289,6 +294,12 @@ impl Bf16Linear {
                             unsafe { native_block(block, n) };
                         }
                         #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx512Fma => {
+                            // Safety: `Kernel::Avx512Fma` is only picked (or tested) when
+                            // avx512f was detected.
+                            unsafe { wide_block(block, n) };
+                        }
+                        #[cfg(target_arch = "x86_64")]
                         Kernel::Avx2 => {
                             // Safety: `Kernel::Avx2` is only picked (or tested) when avx2 and
                             // fma were detected.
@@ -332,7 +343,7 @@ crate::engine::fma_dispatched! {
 
 crate::engine::fma_dispatched! {
     /// One activation row rounded to bf16 and widened back to f32 bits, one word per value, for
-    /// the AVX2 kernel; zeros past its end.
+    /// the kernels that widen; zeros past its end.
     fn widen_row(row: &[f32], dst: &mut [u32]) {
         for (d, &s) in dst.iter_mut().zip(row) {
             *d = u32::from(to_bf16(s)) << 16;
@@ -449,13 +460,13 @@ unsafe fn avx2_kernel<const R: usize>(blk: &mut Block, half: usize, bias: &[f32]
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     // Half 0 reads the low 64 bytes of each pair's 128 and half 1 the high ones; on a panel's
     // first rows the hardware prefetcher left both passes waiting on L3. Asking for both lines
-    // of the pair `AVX2_AHEAD` on made one 12-token text's forward pass 1.3× faster
+    // of the pair `AHEAD` on made one 12-token text's forward pass 1.3× faster
     // (BENCHMARKS.md). Later rows find the panel in L2, and asking there cost 32 texts 10 %.
     let prefetch = half == 0 && blk.cold;
     for p in 0..blk.pairs {
-        if prefetch && p + AVX2_AHEAD < blk.pairs {
-            // Safety: pair `p + AVX2_AHEAD` is inside the panel; a prefetch only hints.
-            let line = blk.b.as_ptr().add((p + AVX2_AHEAD) * NR);
+        if prefetch && p + AHEAD < blk.pairs {
+            // Safety: pair `p + AHEAD` is inside the panel; a prefetch only hints.
+            let line = blk.b.as_ptr().add((p + AHEAD) * NR);
             _mm_prefetch::<_MM_HINT_T0>(line.cast());
             _mm_prefetch::<_MM_HINT_T0>(line.add(16).cast());
         }
@@ -536,6 +547,79 @@ unsafe fn amx_block(tiles: &amx::Tiles, blk: Block, n: usize, bias: &[f32]) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn wide_block(blk: Block, n: usize) {
+    macro_rules! dispatch {
+        ($($r:literal)*) => {
+            match n { $($r => wide_kernel::<$r>(blk),)* _ => unreachable!("MR is 12") }
+        };
+    }
+    dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+}
+
+/// `R` rows × 32 columns: `avx2_kernel`'s products in its order (each pair's low halves, then
+/// its high ones), so the same bits, over the whole panel at once. Each row takes its two
+/// broadcasts and four FMAs together: with all low halves first, LLVM hoisted every row's
+/// broadcasts, spilled accumulators to the stack and ran at half the speed.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn wide_kernel<const R: usize>(blk: Block) {
+    use std::arch::x86_64::*;
+    let (pairs, lda) = (blk.pairs, 2 * blk.pairs);
+    let (a, b) = (blk.a.as_ptr().cast::<f32>(), blk.b.as_ptr());
+    let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    for p in 0..pairs {
+        // As in `avx2_kernel`: 1.3× for one 12-token text, the same for batches (BENCHMARKS.md).
+        if blk.cold && p + AHEAD < pairs {
+            // Safety: pair `p + AHEAD` is inside the panel; a prefetch only hints.
+            let line = b.add((p + AHEAD) * NR);
+            _mm_prefetch::<_MM_HINT_T0>(line.cast());
+            _mm_prefetch::<_MM_HINT_T0>(line.add(16).cast());
+        }
+        // Safety (all loads): the panel holds `pairs × NR` lanes and `a` holds `R` rows of
+        // `2 · pairs` words, as `forward_with` sliced them.
+        let w0 = _mm512_loadu_si512(b.add(p * NR).cast());
+        let w1 = _mm512_loadu_si512(b.add(p * NR + 16).cast());
+        let (lo0, lo1) = (
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w0)),
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w1)),
+        );
+        let (hi0, hi1) = (
+            _mm512_castsi512_ps(_mm512_and_si512(w0, high)),
+            _mm512_castsi512_ps(_mm512_and_si512(w1, high)),
+        );
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let alo = _mm512_set1_ps(*a.add(r * lda + 2 * p));
+            let ahi = _mm512_set1_ps(*a.add(r * lda + 2 * p + 1));
+            acc[0] = _mm512_fmadd_ps(ahi, hi0, _mm512_fmadd_ps(alo, lo0, acc[0]));
+            acc[1] = _mm512_fmadd_ps(ahi, hi1, _mm512_fmadd_ps(alo, lo1, acc[1]));
+        }
+    }
+    store_rows(&acc, blk);
+}
+
+/// Adds the bias to `R` rows of 32 accumulated columns and stores the columns that exist.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_rows<const R: usize>(acc: &[[std::arch::x86_64::__m512; 2]; R], blk: Block) {
+    use std::arch::x86_64::*;
+    let cols = blk.bias.len();
+    let masks = [first_lanes(cols), first_lanes(cols.saturating_sub(16))];
+    let bias = blk.bias.as_ptr();
+    let out = blk.out.as_mut_ptr();
+    for (r, acc) in acc.iter().enumerate() {
+        for (h, (&v, &mask)) in acc.iter().zip(&masks).enumerate() {
+            // Safety: `blk.out` holds `R` rows `ldc` apart of at least `cols` columns.
+            let bv = _mm512_maskz_loadu_ps(mask, bias.add(h * 16));
+            _mm512_mask_storeu_ps(out.add(r * blk.ldc + h * 16), mask, _mm512_add_ps(v, bv));
+        }
+    }
+}
+
 /// `R` rows × 32 columns, all accumulators in registers; the weight panel is read once per
 /// pair for all `R` rows.
 #[cfg(target_arch = "x86_64")]
@@ -556,16 +640,7 @@ unsafe fn native_kernel<const R: usize>(blk: Block) {
             acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
         }
     }
-    let cols = blk.bias.len();
-    let masks = [first_lanes(cols), first_lanes(cols.saturating_sub(16))];
-    let bias = blk.bias.as_ptr();
-    let out = blk.out.as_mut_ptr();
-    for (r, acc) in acc.iter().enumerate() {
-        for (h, (&v, &mask)) in acc.iter().zip(&masks).enumerate() {
-            let bv = _mm512_maskz_loadu_ps(mask, bias.add(h * 16));
-            _mm512_mask_storeu_ps(out.add(r * blk.ldc + h * 16), mask, _mm512_add_ps(v, bv));
-        }
-    }
+    store_rows(&acc, blk);
 }
 
 impl CustomOp1 for Bf16Linear {
@@ -623,6 +698,9 @@ mod tests {
         if avx2_fma() {
             kernels.push(Kernel::Avx2);
         }
+        if cpu::avx512() {
+            kernels.push(Kernel::Avx512Fma);
+        }
         if native_supported() {
             kernels.push(Kernel::Avx512);
         }
@@ -672,6 +750,31 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_wide_kernels_give_the_same_bits_at_either_width() {
+        if !cpu::avx512() {
+            eprintln!("no AVX-512F here: Avx512Fma is not checked against Avx2");
+            return;
+        }
+        for (rows, inputs, outputs) in [(1, 7, 5), (13, 33, 40), (90, 1536, 40), (30, 384, 1536)] {
+            let x = pseudo_random(rows * inputs, 9);
+            let w = pseudo_random(outputs * inputs, 10);
+            let layer = Bf16Linear::new(&w, &pseudo_random(outputs, 11), outputs, inputs);
+            let [narrow, wide] = [Kernel::Avx2, Kernel::Avx512Fma].map(|kernel| {
+                let mut out = vec![f32::NAN; rows * outputs];
+                layer.forward_with(&x, &mut out, kernel);
+                out
+            });
+            assert!(
+                narrow
+                    .iter()
+                    .zip(&wide)
+                    .all(|(n, w)| n.to_bits() == w.to_bits()),
+                "{rows}x{inputs}x{outputs}"
+            );
         }
     }
 

@@ -99,10 +99,7 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use crate::engine::cpu;
-            if cpu::avx512()
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-            {
+            if cpu::avx512_vnni() {
                 return Isa::Avx512Vnni;
             }
             if cpu::avx2_fma() && is_x86_feature_detected!("f16c") {
