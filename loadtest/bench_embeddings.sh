@@ -11,8 +11,8 @@
 # step 3 (e.g. a venv made with `pip install sentence-transformers`); without it step 3 is skipped
 # loudly.
 # CONCURRENCY (default 1,8,32) picks the levels; the server inherits the environment, so e.g.
-# EMBER_CPU_ISA=avx512 measures without AMX tiles, EMBER_CPU_ISA=avx2 as a CPU without AVX-512
-# would run (the forward-pass step too).
+# EMBER_CPU_ISA=avx512 measures without AMX tiles, avx512-core as a CPU with AVX-512 but not its
+# VNNI and BF16 (Skylake-SP), avx2 as a CPU without AVX-512 would run (the forward-pass step too).
 #   loadtest/bench_embeddings.sh [SECONDS_PER_LEVEL]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -69,7 +69,8 @@ enum Kernel {
     /// (exactly) and multiplied with FMA, for CPUs without AVX-512 BF16.
     Avx2,
     /// The same products at 512 bits, `MR` rows × one panel per call, for CPUs with AVX-512 but
-    /// not its BF16 (Skylake-SP to Ice Lake): their two 512-bit FMA units double AVX2's rate.
+    /// not its BF16 (Skylake-SP to Ice Lake): twice the AVX2 rate on cores with two 512-bit FMA
+    /// units.
     Avx512Fma,
     /// AVX-512 BF16, `MR` rows × one panel per call.
     Avx512,
