@@ -418,15 +418,22 @@ fn portable_block(blk: Block, n: usize) {
     }
 }
 
+/// `$kernel::<n>$args` for the block's `n` rows, one of `$rows`: each row count has its own
+/// kernel, its loops over rows unrolled and its accumulators in registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! for_rows {
+    ($n:expr, [$($rows:literal)*], $kernel:ident $args:tt) => {
+        match $n {
+            $($rows => $kernel::<$rows> $args,)*
+            n => unreachable!("a block of {n} rows; the kernel takes {:?}", [$($rows),*]),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn native_block(blk: Block, n: usize) {
-    macro_rules! dispatch {
-        ($($r:literal)*) => {
-            match n { $($r => native_kernel::<$r>(blk),)* _ => unreachable!("MR is 12") }
-        };
-    }
-    dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+    for_rows!(n, [1 2 3 4 5 6 7 8 9 10 11 12], native_kernel(blk))
 }
 
 /// `bias` is the panel's whole 32 (zero past the last column); `blk.bias` is cut to the columns
@@ -435,15 +442,7 @@ unsafe fn native_block(blk: Block, n: usize) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn avx2_block(mut blk: Block, n: usize, bias: &[f32]) {
     for half in 0..blk.bias.len().div_ceil(16) {
-        macro_rules! dispatch {
-            ($($r:literal)*) => {
-                match n {
-                    $($r => avx2_kernel::<$r>(&mut blk, half, bias),)*
-                    _ => unreachable!("MR_AVX2 is 5"),
-                }
-            };
-        }
-        dispatch!(1 2 3 4 5)
+        for_rows!(n, [1 2 3 4 5], avx2_kernel(&mut blk, half, bias))
     }
 }
 
@@ -551,12 +550,7 @@ unsafe fn amx_block(tiles: &amx::Tiles, blk: Block, n: usize, bias: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn wide_block(blk: Block, n: usize) {
-    macro_rules! dispatch {
-        ($($r:literal)*) => {
-            match n { $($r => wide_kernel::<$r>(blk),)* _ => unreachable!("MR is 12") }
-        };
-    }
-    dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+    for_rows!(n, [1 2 3 4 5 6 7 8 9 10 11 12], wide_kernel(blk))
 }
 
 /// `R` rows × 32 columns: `avx2_kernel`'s products in its order (each pair's low halves, then
