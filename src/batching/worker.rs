@@ -286,20 +286,27 @@ fn compute_loop<E: BatchEngine>(
             Ok(Err(message)) => Err(failure(message)),
             Err(_) => Err(failure("the engine panicked".into())),
         };
+        // The instance and each input's slot are free before its answer goes out, so a client
+        // that sends again as soon as it has its answer finds them free: a full queue's 503 is
+        // never about inputs already answered.
+        drop(batch._idle);
+        let answer = |(reply, slot): (oneshot::Sender<_>, OwnedSemaphorePermit), outcome| {
+            drop(slot);
+            let _ = reply.send(outcome);
+        };
         match result {
             Ok(outputs) => {
-                for ((reply, _slot), output) in replies.into_iter().zip(outputs) {
-                    let _ = reply.send(Ok(output));
+                for (reply, output) in replies.into_iter().zip(outputs) {
+                    answer(reply, Ok(output));
                 }
             }
             Err(err) => {
                 tracing::error!(model, %err, "batch failed");
-                for (reply, _slot) in replies {
-                    let _ = reply.send(Err(err.clone()));
+                for reply in replies {
+                    answer(reply, Err(err.clone()));
                 }
             }
         }
-        drop(batch._idle);
     }
 }
 
