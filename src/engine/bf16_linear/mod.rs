@@ -86,7 +86,7 @@ impl Kernel {
             if amx_available() {
                 return Kernel::Amx;
             }
-            if native_supported() {
+            if cpu::avx512_bf16() {
                 Kernel::Avx512
             } else if cpu::avx512() {
                 Kernel::Avx512Fma
@@ -133,12 +133,6 @@ impl Kernel {
     }
 }
 
-/// Whether this CPU has the instruction the AVX-512 kernel needs (every CPU with AMX-BF16 has
-/// it), and the cap allows it.
-pub fn native_supported() -> bool {
-    cpu::avx512_bf16()
-}
-
 /// Whether the AMX tiles may be used: the cap allows them and `amx::available`.
 pub fn amx_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -153,7 +147,7 @@ pub fn amx_available() -> bool {
 
 /// Whether this layer beats candle's f32 matmul on this CPU (`Precision::Auto`).
 pub fn fast_on_this_cpu() -> bool {
-    native_supported() || avx2_fma()
+    cpu::avx512_bf16() || avx2_fma()
 }
 
 /// f32 → bf16 bits, rounding to nearest even (as `vcvtneps2bf16` does); NaN stays NaN.
@@ -464,11 +458,8 @@ unsafe fn avx2_kernel<const R: usize>(blk: &mut Block, half: usize, bias: &[f32]
     // (BENCHMARKS.md). Later rows find the panel in L2, and asking there cost 32 texts 10 %.
     let prefetch = half == 0 && blk.cold;
     for p in 0..blk.pairs {
-        if prefetch && p + AHEAD < blk.pairs {
-            // Safety: pair `p + AHEAD` is inside the panel; a prefetch only hints.
-            let line = blk.b.as_ptr().add((p + AHEAD) * NR);
-            _mm_prefetch::<_MM_HINT_T0>(line.cast());
-            _mm_prefetch::<_MM_HINT_T0>(line.add(16).cast());
+        if prefetch {
+            prefetch_ahead(blk.b, p);
         }
         // Safety (all loads): the panel holds `pairs × NR` lanes and `a` holds `R` rows of
         // `2 · pairs` words, as `forward_with` sliced them.
@@ -547,6 +538,20 @@ unsafe fn amx_block(tiles: &amx::Tiles, blk: Block, n: usize, bias: &[f32]) {
     }
 }
 
+/// Asks for both cache lines of the panel's pair `AHEAD` after `p`, if there is one.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead(panel: &[u32], p: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    if let Some(pair) = panel.get((p + AHEAD) * NR..(p + AHEAD + 1) * NR) {
+        // Safety: both lines are inside `panel`; a prefetch only hints.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(pair.as_ptr().cast());
+            _mm_prefetch::<_MM_HINT_T0>(pair.as_ptr().add(16).cast());
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn wide_block(blk: Block, n: usize) {
@@ -568,11 +573,8 @@ unsafe fn wide_kernel<const R: usize>(blk: Block) {
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for p in 0..pairs {
         // As in `avx2_kernel`: 1.3× for one 12-token text, the same for batches (BENCHMARKS.md).
-        if blk.cold && p + AHEAD < pairs {
-            // Safety: pair `p + AHEAD` is inside the panel; a prefetch only hints.
-            let line = b.add((p + AHEAD) * NR);
-            _mm_prefetch::<_MM_HINT_T0>(line.cast());
-            _mm_prefetch::<_MM_HINT_T0>(line.add(16).cast());
+        if blk.cold {
+            prefetch_ahead(blk.b, p);
         }
         // Safety (all loads): the panel holds `pairs × NR` lanes and `a` holds `R` rows of
         // `2 · pairs` words, as `forward_with` sliced them.
@@ -708,7 +710,7 @@ mod tests {
         if cpu::avx512() {
             kernels.push(Kernel::Avx512Fma);
         }
-        if native_supported() {
+        if cpu::avx512_bf16() {
             kernels.push(Kernel::Avx512);
         }
         if amx_available() {
