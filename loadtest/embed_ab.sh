@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Two builds of ember on the embeddings benchmark's heaviest level (concurrency 32, short and
-# medium texts), each with dynamic batching and with max_batch_size = 1, the builds alternating
-# so that a noisy machine's slow and fast minutes fall on both (BENCHMARKS.md). Build A first,
-# e.g. `git stash; cargo build --release --bin ember; cp target/release/ember /tmp/ember-a`.
+# medium texts), each with dynamic batching (the demo model.toml) and with max_batch_size = 1, the
+# builds alternating so that a noisy machine's slow and fast minutes fall on both (BENCHMARKS.md).
+# Build A first, e.g.
+# `git stash; cargo build --release --bin ember; cp target/release/ember /tmp/ember-a`.
 # Loopback only; every level bounded in time.
 #   loadtest/embed_ab.sh EMBER_A EMBER_B [REPETITIONS] [SECONDS_PER_LEVEL]
 set -euo pipefail
@@ -19,7 +20,7 @@ models/fetch.sh all-MiniLM-L6-v2
 cargo build --release --locked -p ember-loadtest
 out=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
-embed_repo "$out/batching" 32
+embed_repo "$out/batching"
 embed_repo "$out/batch1" 1
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "run build  config       tokens  conc  requests  errors     sent/s    p50 ms    p95 ms    p99 ms"
