@@ -8,6 +8,8 @@
 //! loses digits when the mean is large), with sixteen partial sums so the loops vectorise. Rows
 //! never see each other, so the result of a row does not depend on its batch.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
 
 /// The op: weight, bias and epsilon of one norm, held on the host.
@@ -28,7 +30,7 @@ impl AddNorm {
     }
 
     /// `x` and `residual` (if any) are `[rows, width]` row-major, as is `out`.
-    pub fn forward(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+    pub fn forward(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let width = self.weight.len();
         assert_eq!(x.len(), out.len(), "out has x's shape");
         assert_eq!(x.len() % width, 0, "x is [rows, {width}]");
@@ -61,8 +63,9 @@ impl AddNorm {
             Some((storage, layout)) => Some(super::contiguous_f32(name, storage, layout)?),
             None => None,
         };
-        let mut out = vec![0f32; data.len()];
-        self.forward(data, residual, &mut out);
+        // Safety: `forward` writes every row whole.
+        let out =
+            unsafe { super::fresh_output(data.len(), |out| self.forward(data, residual, out)) };
         Ok((CpuStorage::F32(out), shape.clone()))
     }
 }
@@ -122,7 +125,7 @@ super::fma_dispatched! {
         weight: &[f32],
         bias: &[f32],
         eps: f32,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
     ) {
         let width = weight.len();
         for (row, dst) in out.chunks_exact_mut(width).enumerate() {
@@ -131,11 +134,15 @@ super::fma_dispatched! {
                 Some(r) => {
                     let r = &r[row * width..(row + 1) * width];
                     for ((d, &a), &b) in dst.iter_mut().zip(src).zip(r) {
-                        *d = a + b;
+                        d.write(a + b);
                     }
                 }
-                None => dst.copy_from_slice(src),
+                None => {
+                    dst.write_copy_of_slice(src);
+                }
             }
+            // Safety: every element of the row was just written.
+            let dst = unsafe { dst.assume_init_mut() };
             let n = width as f32;
             let mean = lane_sum(dst, |v| v) / n;
             let var = lane_sum(dst, |v| (v - mean) * (v - mean)) / n;
@@ -150,6 +157,7 @@ super::fma_dispatched! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::as_uninit;
     use candle_core::{Device, Tensor};
 
     /// Deterministic values with a large common offset, where E[x²] − mean² loses digits.
@@ -187,8 +195,8 @@ mod tests {
             let r = values(rows * width, 2, 0.0);
             let (w, b) = (values(width, 3, 1.0), values(width, 4, 0.0));
             let op = AddNorm::new(w.clone(), b.clone(), 1e-12);
-            let mut out = vec![0f32; x.len()];
-            op.forward(&x, Some(&r), &mut out);
+            let mut out = vec![f32::NAN; x.len()];
+            op.forward(&x, Some(&r), as_uninit(&mut out));
             let want = reference(&x, &r, &w, &b, 1e-12);
             for (got, want) in out.iter().zip(&want) {
                 assert!(
@@ -239,8 +247,8 @@ mod tests {
         let x = values(7 * width, 5, 2.0);
         let (w, b) = (values(width, 6, 1.0), values(width, 7, 0.0));
         let op = AddNorm::new(w.clone(), b.clone(), 1e-12);
-        let mut all = vec![0f32; x.len()];
-        op.forward(&x, None, &mut all);
+        let mut all = vec![f32::NAN; x.len()];
+        op.forward(&x, None, as_uninit(&mut all));
         let zeros = vec![0f32; x.len()];
         let want = reference(&x, &zeros, &w, &b, 1e-12);
         for (got, want) in all.iter().zip(&want) {
@@ -250,8 +258,12 @@ mod tests {
             );
         }
         for row in 0..7 {
-            let mut one = vec![0f32; width];
-            op.forward(&x[row * width..(row + 1) * width], None, &mut one);
+            let mut one = vec![f32::NAN; width];
+            op.forward(
+                &x[row * width..(row + 1) * width],
+                None,
+                as_uninit(&mut one),
+            );
             assert_eq!(one, all[row * width..(row + 1) * width]);
         }
     }

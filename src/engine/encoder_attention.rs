@@ -11,6 +11,8 @@
 //! Each sequence's numbers depend only on its own tokens, in a fixed order, so a text gives the
 //! same bits alone and inside any padded batch.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 
 use super::bert::exp_neg;
@@ -33,7 +35,7 @@ impl SelfAttention {
     /// `qkv` is `[batch · len, 3 · hidden]` (q, then k, then v, each head's `head_dim` columns
     /// together), `mask` `[batch · len]` with non-zero for real tokens; `out` is `[batch · len,
     /// hidden]`. Rows of padding tokens get zeros: nothing reads them but row-wise layers.
-    pub fn forward(&self, qkv: &[f32], mask: &[f32], len: usize, out: &mut [f32]) {
+    pub fn forward(&self, qkv: &[f32], mask: &[f32], len: usize, out: &mut [MaybeUninit<f32>]) {
         let simd = lanes::Simd::detect();
         let input = Input { qkv, mask, len };
         #[cfg(target_arch = "x86_64")]
@@ -51,7 +53,7 @@ impl SelfAttention {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn forward_avx512(&self, input: Input, out: &mut [f32], simd: lanes::Simd) {
+    unsafe fn forward_avx512(&self, input: Input, out: &mut [MaybeUninit<f32>], simd: lanes::Simd) {
         self.forward_portable(input, out, simd);
     }
 
@@ -59,7 +61,7 @@ impl SelfAttention {
     /// form's.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn forward_avx2(&self, input: Input, out: &mut [f32], simd: lanes::Simd) {
+    unsafe fn forward_avx2(&self, input: Input, out: &mut [MaybeUninit<f32>], simd: lanes::Simd) {
         self.forward_portable(input, out, simd);
     }
 
@@ -67,53 +69,70 @@ impl SelfAttention {
     /// value columns, with multiplies and adds kept apart (Rust never fuses them), so every
     /// build of this function gives the same bits.
     #[inline(always)]
-    fn forward_portable(&self, input: Input, out: &mut [f32], simd: lanes::Simd) {
+    fn forward_portable(&self, input: Input, out: &mut [MaybeUninit<f32>], simd: lanes::Simd) {
         let Input { qkv, mask, len } = input;
-        let (hd, hidden) = (self.head_dim, self.heads * self.head_dim);
+        let (heads, hd, hidden) = (self.heads, self.head_dim, self.heads * self.head_dim);
         let hd_pad = hd.next_multiple_of(LANES);
         let stride = 3 * hidden;
         let scale = 1.0 / (hd as f32).sqrt();
-        // Per head: keys transposed (`[hd][keys]`, so a query's scores are a run of lane-wise
-        // multiply-adds), values as rows, one query's scores; keys and columns padded with
-        // zeros to whole lane groups.
-        let (mut keys_t, mut values, mut scores, mut q) =
+        // Per sequence, every head's scaled queries (`[head][query][hd]`), keys transposed
+        // (`[head][hd][keys]`, so a query's scores are a run of lane-wise multiply-adds) and
+        // values as rows (`[head][key][hd]`); queries padded with zeros to whole groups of
+        // `QUERIES`, keys and columns to whole lane groups. They are gathered in passes over
+        // the sequence's rows in order: a pass per head read two cache lines from each row
+        // 4.5 KiB apart, which the prefetcher could not follow, and those loads were half of
+        // this op's time at 60 tokens.
+        let (mut queries, mut keys_t, mut values, mut scores) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (seq, seq_mask) in mask.chunks_exact(len).enumerate() {
             let real: Vec<usize> = (0..len).filter(|&j| seq_mask[j] != 0.0).collect();
             // Real rows are written whole below (every head's columns); only padding is zeroed.
             for (t, _) in seq_mask.iter().enumerate().filter(|(_, &m)| m == 0.0) {
-                out[(seq * len + t) * hidden..][..hidden].fill(0.0);
+                out[(seq * len + t) * hidden..][..hidden].fill(MaybeUninit::new(0.0));
             }
             let n = real.len();
             let n_pad = n.next_multiple_of(LANES);
-            let row = |t: usize| &qkv[(seq * len + t) * stride..(seq * len + t + 1) * stride];
-            for h in 0..self.heads {
-                let (q0, k0, v0) = (h * hd, hidden + h * hd, 2 * hidden + h * hd);
-                keys_t.clear();
-                keys_t.resize(hd * n_pad, 0.0);
-                values.clear();
-                values.resize(n * hd_pad, 0.0);
-                for (j, &t) in real.iter().enumerate() {
-                    let r = row(t);
-                    for (column, &k) in keys_t.chunks_exact_mut(n_pad).zip(&r[k0..k0 + hd]) {
-                        column[j] = k;
+            let n_q = n.next_multiple_of(QUERIES);
+            queries.clear();
+            queries.resize(heads * n_q * hd, 0.0);
+            keys_t.clear();
+            keys_t.resize(heads * hd * n_pad, 0.0);
+            values.clear();
+            values.resize(heads * n * hd_pad, 0.0);
+            let row = |t: usize| &qkv[(seq * len + t) * stride..][..stride];
+            for (j, &t) in real.iter().enumerate() {
+                let (r_q, r_v) = (&row(t)[..hidden], &row(t)[2 * hidden..]);
+                for h in 0..heads {
+                    let q = &mut queries[(h * n_q + j) * hd..][..hd];
+                    for (q, x) in q.iter_mut().zip(&r_q[h * hd..][..hd]) {
+                        *q = x * scale;
                     }
-                    values[j * hd_pad..j * hd_pad + hd].copy_from_slice(&r[v0..v0 + hd]);
+                    values[(h * n + j) * hd_pad..][..hd].copy_from_slice(&r_v[h * hd..][..hd]);
                 }
+            }
+            // Keys transposed a lane group at a time: each line of `keys_t` is written whole,
+            // from the same few rows (a row at a time scattered into every line and missed).
+            for (b, block) in real.chunks(LANES).enumerate() {
+                let rows: Vec<&[f32]> =
+                    block.iter().map(|&t| &row(t)[hidden..2 * hidden]).collect();
+                for (c, line) in keys_t.chunks_exact_mut(n_pad).enumerate() {
+                    for (x, r) in line[b * LANES..].iter_mut().zip(&rows) {
+                        *x = r[c];
+                    }
+                }
+            }
+            for h in 0..heads {
+                let keys_t = &keys_t[h * hd * n_pad..][..hd * n_pad];
+                let values = &values[h * n * hd_pad..][..n * hd_pad];
+                let queries = &queries[h * n_q * hd..][..n_q * hd];
                 // Queries go in groups of `QUERIES`, each with its own sums (the same order as
                 // alone): independent chains of adds instead of one waiting on the last.
-                for group in real.chunks(QUERIES) {
-                    q.clear();
-                    q.resize(QUERIES * hd, 0.0);
-                    for (q, &i) in q.chunks_exact_mut(hd).zip(group) {
-                        for (q, x) in q.iter_mut().zip(&row(i)[q0..q0 + hd]) {
-                            *q = x * scale;
-                        }
-                    }
+                for (g, group) in real.chunks(QUERIES).enumerate() {
+                    let q = &queries[g * QUERIES * hd..][..QUERIES * hd];
                     scores.clear();
                     scores.resize(QUERIES * n_pad, 0.0);
                     for j0 in (0..n_pad).step_by(LANES) {
-                        let acc = lanes::weighted_sum(simd, hd, (&q, hd), (&keys_t[j0..], n_pad));
+                        let acc = lanes::weighted_sum(simd, hd, (q, hd), (&keys_t[j0..], n_pad));
                         for (qi, acc) in acc.iter().enumerate() {
                             scores[qi * n_pad + j0..][..LANES].copy_from_slice(acc);
                         }
@@ -126,8 +145,8 @@ impl SelfAttention {
                             lanes::weighted_sum(simd, n, (&scores, n_pad), (&values[d0..], hd_pad));
                         let cols = LANES.min(hd - d0);
                         for (&i, acc) in group.iter().zip(&acc) {
-                            let start = (seq * len + i) * hidden + q0 + d0;
-                            out[start..start + cols].copy_from_slice(&acc[..cols]);
+                            let start = (seq * len + i) * hidden + h * hd + d0;
+                            out[start..start + cols].write_copy_of_slice(&acc[..cols]);
                         }
                     }
                 }
@@ -322,8 +341,12 @@ impl CustomOp2 for SelfAttention {
                 self.name()
             );
         }
-        let mut out = vec![0f32; rows * hidden];
-        self.forward(qkv_data, mask_data, len, &mut out);
+        // Safety: `forward` writes every row, padding included.
+        let out = unsafe {
+            super::fresh_output(rows * hidden, |out| {
+                self.forward(qkv_data, mask_data, len, out)
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from((rows, hidden))))
     }
 }
@@ -331,7 +354,7 @@ impl CustomOp2 for SelfAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::pseudo_random;
+    use crate::engine::{as_uninit, pseudo_random};
 
     /// Textbook attention in f64 over the real keys.
     fn reference(qkv: &[f32], mask: &[f32], len: usize, heads: usize, hd: usize) -> Vec<f32> {
@@ -385,16 +408,16 @@ mod tests {
             head_dim: hd,
         };
         let mut got = vec![f32::NAN; 3 * len * heads * hd];
-        attention.forward(&qkv, &mask, len, &mut got);
+        attention.forward(&qkv, &mask, len, as_uninit(&mut got));
         let want = reference(&qkv, &mask, len, heads, hd);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!((g - w).abs() <= 2e-6 * (1.0 + w.abs()), "[{i}] {g} vs {w}");
         }
         // The padded sequence alone, unpadded, gives the same bits.
         let hidden = heads * hd;
-        let mut alone = vec![0f32; 4 * hidden];
+        let mut alone = vec![f32::NAN; 4 * hidden];
         let rows = &qkv[len * 3 * hidden..(len + 4) * 3 * hidden];
-        attention.forward(rows, &[1.0; 4], 4, &mut alone);
+        attention.forward(rows, &[1.0; 4], 4, as_uninit(&mut alone));
         assert_eq!(alone, got[len * hidden..(len + 4) * hidden]);
         // The form this CPU runs gives the portable form's bits.
         let mut portable = vec![f32::NAN; got.len()];
@@ -403,7 +426,7 @@ mod tests {
             mask: &mask,
             len,
         };
-        attention.forward_portable(input, &mut portable, lanes::Simd::portable());
+        attention.forward_portable(input, as_uninit(&mut portable), lanes::Simd::portable());
         assert_eq!(portable, got);
     }
 }

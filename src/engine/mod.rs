@@ -62,6 +62,32 @@ pub(crate) fn first_lanes(n: usize) -> u16 {
     ((1u32 << n.min(16)) - 1) as u16
 }
 
+/// A fresh output of `len` elements that `write` fills, not zeroed first: zeroing outputs that
+/// the ops overwrite whole was a few per cent of a served batched pass (a memset, or the OS
+/// clearing fresh pages). Each op's tests fill their output with NaN first, so they check that
+/// every element gets written.
+///
+/// # Safety
+/// `write` must write every element.
+pub(crate) unsafe fn fresh_output(
+    len: usize,
+    write: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    write(&mut out.spare_capacity_mut()[..len]);
+    // Safety: the caller's `write` wrote all `len` elements.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// An initialised buffer as an output for an op that only writes to it.
+#[cfg(test)]
+pub(crate) fn as_uninit(out: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // Safety: `MaybeUninit<f32>` has `f32`'s layout, and only initialised values are written
+    // through the result, so `out` stays initialised.
+    unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
+}
+
 /// The contiguous f32 data of a custom op's input, or why the op cannot take it.
 pub(crate) fn contiguous_f32<'a>(
     op: &str,

@@ -658,13 +658,10 @@ impl CustomOp1 for Bf16Linear {
                 self.inputs
             );
         }
-        // Not zeroed: the kernels write every element, and zeroing it first was 2–3 % of a
-        // served batched pass (a memset, or the OS clearing fresh pages).
         let len = x.len() / self.inputs * self.outputs;
-        let mut out = Vec::with_capacity(len);
-        self.forward_with(x, &mut out.spare_capacity_mut()[..len], Kernel::best());
-        // Safety: `forward_with` wrote all `len` elements.
-        unsafe { out.set_len(len) };
+        // Safety: the kernels write every element.
+        let out =
+            unsafe { super::fresh_output(len, |out| self.forward_with(x, out, Kernel::best())) };
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("checked above") = self.outputs;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
@@ -674,14 +671,7 @@ impl CustomOp1 for Bf16Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::pseudo_random;
-
-    /// `out` for `forward_with`, which only writes to it.
-    pub(super) fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-        // Safety: `MaybeUninit<f32>` has `f32`'s layout, and only initialised values are
-        // written through the result, so `out` stays initialised.
-        unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
-    }
+    use crate::engine::{as_uninit, pseudo_random};
 
     /// The same products in f64 from the bf16-rounded operands: what both kernels must equal
     /// up to f32 summation error.
@@ -834,9 +824,8 @@ mod tests {
 
 #[cfg(test)]
 mod speed {
-    use super::tests::as_uninit;
     use super::*;
-    use crate::engine::pseudo_random;
+    use crate::engine::{as_uninit, pseudo_random};
 
     #[test]
     #[ignore = "a measurement: cargo test --release --lib bf16_linear::speed -- --ignored --nocapture"]
