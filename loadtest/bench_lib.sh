@@ -10,7 +10,7 @@ smollm_repo() { # repo dir, gguf path, numerics: the demo model.toml with that p
   echo "numerics = \"$3\"" >>"$1/SmolLM2-135M-Instruct/model.toml"
 }
 
-embed_repo() { # repo dir [max_batch_size]: the demo embedding model.toml, with that batch size if given
+embed_repo() { # repo dir [max_batch_size]: the demo embedding model.toml, that batch size if given
   mkdir -p "$1/all-MiniLM-L6-v2"
   sed -e "s|^path .*|path = \"$PWD/models/all-MiniLM-L6-v2/weights\"|" \
     -e "${2:+s|^max_batch_size .*|max_batch_size = $2|}" \

@@ -82,8 +82,8 @@ impl SelfAttention {
         // the sequence's rows in order: a pass per head read two cache lines from each row
         // 4.5 KiB apart, which the prefetcher could not follow, and those loads were half of
         // this op's time at 60 tokens.
-        let (mut queries, mut keys_t, mut values, mut scores) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut queries, mut keys_t, mut values, mut scores, mut key_rows) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (seq, seq_mask) in mask.chunks_exact(len).enumerate() {
             let real: Vec<usize> = (0..len).filter(|&j| seq_mask[j] != 0.0).collect();
             // Real rows are written whole below (every head's columns); only padding is zeroed.
@@ -101,7 +101,8 @@ impl SelfAttention {
             values.resize(heads * n * hd_pad, 0.0);
             let row = |t: usize| &qkv[(seq * len + t) * stride..][..stride];
             for (j, &t) in real.iter().enumerate() {
-                let (r_q, r_v) = (&row(t)[..hidden], &row(t)[2 * hidden..]);
+                let r = row(t);
+                let (r_q, r_v) = (&r[..hidden], &r[2 * hidden..]);
                 for h in 0..heads {
                     let q = &mut queries[(h * n_q + j) * hd..][..hd];
                     for (q, x) in q.iter_mut().zip(&r_q[h * hd..][..hd]) {
@@ -113,10 +114,10 @@ impl SelfAttention {
             // Keys transposed a lane group at a time: each line of `keys_t` is written whole,
             // from the same few rows (a row at a time scattered into every line and missed).
             for (b, block) in real.chunks(LANES).enumerate() {
-                let rows: Vec<&[f32]> =
-                    block.iter().map(|&t| &row(t)[hidden..2 * hidden]).collect();
+                key_rows.clear();
+                key_rows.extend(block.iter().map(|&t| &row(t)[hidden..2 * hidden]));
                 for (c, line) in keys_t.chunks_exact_mut(n_pad).enumerate() {
-                    for (x, r) in line[b * LANES..].iter_mut().zip(&rows) {
+                    for (x, r) in line[b * LANES..].iter_mut().zip(&key_rows) {
                         *x = r[c];
                     }
                 }
